@@ -1,0 +1,3 @@
+from bioaudio.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,175 @@
+"""Audio decoding: soundfile for every container, soxr for resampling, windows read by seeking.
+
+Everything returns float32 numpy arrays in [-1, 1] (float files may exceed it; we do not clip).
+Long recordings are never decoded whole when a window is asked for: we seek to the first frame
+and read only the frames of the window.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+from .errors import AudioDecodeError
+
+DEFAULT_SAMPLE_RATE = 16000
+AUDIO_EXTENSIONS = frozenset(
+    {
+        ".wav",
+        ".wave",
+        ".flac",
+        ".ogg",
+        ".oga",
+        ".mp3",
+        ".aif",
+        ".aiff",
+        ".aifc",
+        ".w64",
+        ".rf64",
+        ".caf",
+        ".opus",
+    }
+)
+
+
+def is_audio_path(path: str | Path) -> bool:
+    """True when the file name has an extension we try to decode."""
+    return Path(path).suffix.lower() in AUDIO_EXTENSIONS and not Path(path).name.startswith("._")
+
+
+@dataclass(frozen=True)
+class AudioInfo:
+    """What the header says about a file (no samples decoded)."""
+
+    path: str
+    sample_rate: int
+    frames: int
+    channels: int
+    format: str
+    subtype: str
+
+    @property
+    def duration(self) -> float:
+        return self.frames / self.sample_rate if self.sample_rate else 0.0
+
+
+def _reason(e: Exception) -> str:
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    # soundfile prefixes messages with "Error opening '<path>': "; the path is already in ours.
+    if msg.startswith("Error opening"):
+        msg = msg.split(": ", 1)[-1]
+    return msg
+
+
+def info(path: str | Path) -> AudioInfo:
+    """Read the header of an audio file. Raises AudioDecodeError for missing/empty/corrupt files."""
+    p = Path(path)
+    if not p.exists():
+        raise AudioDecodeError(p, "no such file")
+    if p.is_dir():
+        raise AudioDecodeError(p, "is a directory")
+    if p.stat().st_size == 0:
+        raise AudioDecodeError(p, "empty file (0 bytes)")
+    try:
+        i = sf.info(str(p))
+    except Exception as e:  # soundfile raises LibsndfileError, RuntimeError, TypeError...
+        raise AudioDecodeError(p, _reason(e)) from e
+    if i.samplerate <= 0:
+        raise AudioDecodeError(p, f"invalid sample rate {i.samplerate}")
+    if i.frames <= 0:
+        raise AudioDecodeError(p, "no audio frames (zero-length)")
+    return AudioInfo(str(p), int(i.samplerate), int(i.frames), int(i.channels), i.format, i.subtype)
+
+
+def to_mono(x: np.ndarray) -> np.ndarray:
+    """Down-mix (frames, channels) to (frames,) by averaging channels; 1-D input passes through."""
+    if x.ndim == 1:
+        return x
+    if x.shape[1] == 1:
+        return x[:, 0]
+    return x.mean(axis=1, dtype=np.float32)
+
+
+def resample(x: np.ndarray, orig_sr: int, target_sr: int, quality: str = "HQ") -> np.ndarray:
+    """Resample (frames,) or (frames, channels) float audio with soxr (any ratio, e.g. 500k -> 16k)."""
+    if orig_sr == target_sr or x.shape[0] == 0:
+        return x.astype(np.float32, copy=False)
+    import soxr
+
+    y = soxr.resample(
+        np.ascontiguousarray(x, dtype=np.float32), orig_sr, target_sr, quality=quality
+    )
+    return y.astype(np.float32, copy=False)
+
+
+def load(
+    path: str | Path,
+    sample_rate: int | None = DEFAULT_SAMPLE_RATE,
+    offset: float = 0.0,
+    duration: float | None = None,
+    mono: bool = True,
+) -> np.ndarray:
+    """Decode `path` (or the window [offset, offset + duration) seconds of it) as float32.
+
+    Returns (samples,) when `mono`, else (channels, samples). `sample_rate=None` keeps the file's
+    rate. A window past the end of the file is returned short (callers pad); seeking means a
+    10-second window of a 10-hour FLAC costs about as much as a 10-second file.
+    """
+    meta = info(path)
+    sr = meta.sample_rate
+    if offset < 0 or (duration is not None and duration <= 0):
+        raise AudioDecodeError(path, f"invalid window offset={offset} duration={duration}")
+    start = int(round(offset * sr))
+    if start >= meta.frames:
+        raise AudioDecodeError(path, f"offset {offset:.3f}s is past the end ({meta.duration:.3f}s)")
+    n = (
+        meta.frames - start
+        if duration is None
+        else min(int(math.ceil(duration * sr)), meta.frames - start)
+    )
+    try:
+        with sf.SoundFile(str(path)) as f:
+            if start:
+                f.seek(start)
+            data = f.read(n, dtype="float32", always_2d=True)
+    except Exception as e:
+        raise AudioDecodeError(path, _reason(e)) from e
+    if data.shape[0] == 0:
+        raise AudioDecodeError(path, "decoded no samples")
+    if not np.isfinite(data).all():
+        data = np.nan_to_num(data, nan=0.0, posinf=1.0, neginf=-1.0)
+    if mono:
+        data = to_mono(data)
+    if sample_rate is not None and sample_rate != sr:
+        data = resample(data, sr, sample_rate)
+        if duration is not None:  # soxr may return one sample more or less than the exact window
+            data = data[: int(round(duration * sample_rate))]
+    return data if mono else np.ascontiguousarray(data.T)
+
+
+def pad_or_crop(x: np.ndarray, length: int, start: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Take `length` samples of 1-D `x` from `start`, zero-padding at the end.
+
+    Returns (y, padding_mask) where padding_mask is True on padded samples.
+    """
+    y = np.zeros(length, dtype=np.float32)
+    seg = x[start : start + length]
+    y[: seg.shape[0]] = seg
+    mask = np.ones(length, dtype=bool)
+    mask[: seg.shape[0]] = False
+    return y, mask
+
+
+def save(path: str | Path, x: np.ndarray, sample_rate: int, subtype: str | None = None) -> None:
+    """Write audio ((samples,) or (channels, samples)) atomically through a temporary file."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    data = x.T if x.ndim == 2 else x
+    tmp = p.with_name(f".{p.stem}.tmp{p.suffix}")
+    fmt = {".wav": "WAV", ".flac": "FLAC", ".ogg": "OGG", ".mp3": "MP3"}.get(p.suffix.lower())
+    sf.write(str(tmp), data, sample_rate, subtype=subtype, format=fmt)
+    tmp.replace(p)

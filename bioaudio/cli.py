@@ -1,0 +1,107 @@
+"""The one command-line front door: `bioaudio COMMAND ...` (also `python -m bioaudio COMMAND`).
+
+Commands are registered by name with the module that implements them; a module is imported only
+when its command runs, so `bioaudio --help` stays instant. A command module defines
+`add_arguments(parser)` and `run(args) -> int | None`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from collections.abc import Sequence
+
+from .config import ArgumentParser
+from .errors import BioaudioError
+
+# name -> (module, one-line help). Keep in the order a user meets them.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("bioaudio.commands.demo", "run the whole job end to end on generated demo audio"),
+    "demo-data": (
+        "bioaudio.commands.demo_data",
+        "generate the small synthetic bioacoustic demo dataset",
+    ),
+    "prepare": (
+        "bioaudio.commands.prepare",
+        "scan a folder of audio into a manifest (labels, skips)",
+    ),
+    "split": (
+        "bioaudio.commands.split",
+        "seeded stratified / grouped / k-fold splits of a manifest",
+    ),
+    "stats": ("bioaudio.commands.stats", "fbank mean/std over a manifest sample, for training"),
+    "features": ("bioaudio.commands.features", "precompute frontend features into a cache"),
+    "preview": ("bioaudio.commands.preview", "grid PNG of spectrograms per class"),
+    "train-baseline": ("bioaudio.commands.train_baseline", "train CNN baselines over seeds"),
+    "infer": ("bioaudio.commands.infer", "classify a file or a folder with a trained model"),
+    "convert": (
+        "bioaudio.commands.convert",
+        "convert an official BEATs / EAT checkpoint to our export",
+    ),
+}
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("bioaudio")
+    except Exception:
+        return "unknown"
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(
+        prog="bioaudio",
+        description="Pretrain, finetune, evaluate and explore BEATs / EAT audio encoders.",
+    )
+    parser.add_argument("--version", action="version", version=f"bioaudio {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
+    for name, (_module, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    top = build_parser()
+    if not argv or argv[0] in ("-h", "--help"):
+        top.print_help()
+        return 0 if argv else 2
+    if argv[0] == "--version":
+        top.parse_args(argv)
+    name = argv[0]
+    if name not in COMMANDS:
+        close = [c for c in COMMANDS if c.startswith(name[:3])]
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        sys.stderr.write(
+            f"bioaudio: error: unknown command {name!r}{hint}; see `bioaudio --help`\n"
+        )
+        return 2
+    module_name, help_text = COMMANDS[name]
+    module = importlib.import_module(module_name)
+    parser = ArgumentParser(prog=f"bioaudio {name}", description=module.__doc__ or help_text)
+    module.add_arguments(parser)
+    args = parser.parse_args(argv[1:])
+    try:
+        code = module.run(args)
+    except BioaudioError as e:
+        sys.stderr.write(f"bioaudio {name}: error: {e}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write(f"bioaudio {name}: interrupted\n")
+        return 130
+    except MemoryError:
+        sys.stderr.write(f"bioaudio {name}: error: out of memory (try a smaller --batch_size)\n")
+        return 1
+    except FileNotFoundError as e:
+        sys.stderr.write(f"bioaudio {name}: error: file not found: {e.filename or e}\n")
+        return 2
+    if os.environ.get("BIOAUDIO_DEBUG"):
+        sys.stderr.write(f"bioaudio {name}: exit {code or 0}\n")
+    return int(code or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,30 @@
+"""Typed errors. The CLI turns any of these into a one-line message and a non-zero exit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class BioaudioError(Exception):
+    """Base class of every error the user can fix (bad input, bad flags, bad files)."""
+
+
+class ConfigError(BioaudioError):
+    """A flag, config file or flag combination that cannot work."""
+
+
+class DataError(BioaudioError):
+    """A dataset, manifest or label file that cannot be used."""
+
+
+class AudioDecodeError(BioaudioError):
+    """An audio file that cannot be read. Carries the path and the reason."""
+
+    def __init__(self, path: str | Path, reason: str):
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"cannot read audio {self.path}: {reason}")
+
+
+class CheckpointError(BioaudioError):
+    """A checkpoint or export that cannot be loaded (unknown format, truncated, wrong shapes)."""
