@@ -1,0 +1,89 @@
+"""Classification metrics on gathered predictions (numpy in, plain dicts out).
+
+Rank-awareness lives in the caller: evaluation loops gather scores and targets from every
+process (`accelerator.gather_for_metrics`) and call these functions once on the main process,
+so a 2-process evaluation gives exactly the 1-process numbers.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn import metrics as skm
+
+
+def _as_index(y_true: np.ndarray) -> np.ndarray:
+    return y_true.argmax(axis=1) if y_true.ndim == 2 else y_true.astype(int)
+
+
+def single_label_metrics(
+    y_true: np.ndarray, scores: np.ndarray, class_names: list[str]
+) -> dict[str, object]:
+    """Accuracy, balanced accuracy, macro-F1, per-class report and confusion matrix.
+
+    `y_true` (N,) class indices (or one-hot (N, C)); `scores` (N, C) logits or probabilities.
+    """
+    y = _as_index(np.asarray(y_true))
+    pred = np.asarray(scores).argmax(axis=1)
+    labels = list(range(len(class_names)))
+    cm = skm.confusion_matrix(y, pred, labels=labels)
+    report = skm.classification_report(
+        y, pred, labels=labels, target_names=class_names, output_dict=True, zero_division=0
+    )
+    present = np.unique(y)
+    return {
+        "accuracy": float((pred == y).mean()) if len(y) else 0.0,
+        "balanced_accuracy": float(np.mean([(pred[y == c] == c).mean() for c in present]))
+        if len(y)
+        else 0.0,
+        "macro_f1": float(skm.f1_score(y, pred, labels=labels, average="macro", zero_division=0)),
+        "per_class": {c: report[c] for c in class_names},
+        "confusion": cm.tolist(),
+    }
+
+
+def multi_label_metrics(
+    y_true: np.ndarray, probs: np.ndarray, class_names: list[str], threshold: float = 0.5
+) -> dict[str, object]:
+    """mAP and macro AUROC over classes that have positives, plus F1 at `threshold`."""
+    y = np.asarray(y_true).astype(int)
+    p = np.asarray(probs, dtype=np.float64)
+    has_pos = y.sum(axis=0) > 0
+    has_both = has_pos & (y.sum(axis=0) < len(y))
+    ap = [skm.average_precision_score(y[:, c], p[:, c]) for c in np.flatnonzero(has_pos)]
+    auc = [skm.roc_auc_score(y[:, c], p[:, c]) for c in np.flatnonzero(has_both)]
+    pred = (p >= threshold).astype(int)
+    per_class = {}
+    for c, name in enumerate(class_names):
+        per_class[name] = {
+            "support": int(y[:, c].sum()),
+            "ap": float(skm.average_precision_score(y[:, c], p[:, c])) if has_pos[c] else None,
+            "f1": float(skm.f1_score(y[:, c], pred[:, c], zero_division=0)),
+        }
+    return {
+        "mAP": float(np.mean(ap)) if ap else 0.0,
+        "auroc": float(np.mean(auc)) if auc else 0.0,
+        "macro_f1": float(skm.f1_score(y, pred, average="macro", zero_division=0)),
+        "micro_f1": float(skm.f1_score(y, pred, average="micro", zero_division=0)),
+        "per_class": per_class,
+    }
+
+
+def classification_metrics(
+    y_true: np.ndarray, scores: np.ndarray, class_names: list[str], multi_label: bool
+) -> dict[str, object]:
+    """Dispatch on the task type. Scores: logits (single-label) or probabilities (multi-label)."""
+    if multi_label:
+        return multi_label_metrics(y_true, scores, class_names)
+    return single_label_metrics(y_true, scores, class_names)
+
+
+def scalar_metrics(m: dict[str, object]) -> dict[str, float]:
+    """Just the float entries (for metrics.csv / progress bars)."""
+    return {k: float(v) for k, v in m.items() if isinstance(v, (int, float))}
+
+
+def row_normalised(cm: np.ndarray) -> np.ndarray:
+    """Confusion matrix with each true-class row summing to 1 (rows with no samples stay 0)."""
+    cm = np.asarray(cm, dtype=np.float64)
+    totals = cm.sum(axis=1, keepdims=True)
+    return np.divide(cm, totals, out=np.zeros_like(cm), where=totals > 0)
