@@ -42,6 +42,15 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+def one_line(e: BaseException) -> str:
+    """The message of `e` on one line; errors re-raised from DataLoader workers carry a traceback."""
+    msg = str(e)
+    if "Original Traceback" in msg:
+        lines = [ln for ln in msg.splitlines() if ln.strip()]
+        msg = lines[-1].split(": ", 1)[-1]
+    return " ".join(msg.split())
+
+
 def _version() -> str:
     try:
         from importlib.metadata import version
@@ -87,7 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code = module.run(args)
     except BioaudioError as e:
-        sys.stderr.write(f"bioaudio {name}: error: {e}\n")
+        sys.stderr.write(f"bioaudio {name}: error: {one_line(e)}\n")
         return 2
     except KeyboardInterrupt:
         sys.stderr.write(f"bioaudio {name}: interrupted\n")

@@ -20,10 +20,11 @@ class DataError(BioaudioError):
 class AudioDecodeError(BioaudioError):
     """An audio file that cannot be read. Carries the path and the reason."""
 
-    def __init__(self, path: str | Path, reason: str):
+    def __init__(self, path: str | Path, reason: str | None = None):
+        # One-argument form: PyTorch re-creates worker exceptions from their message alone.
         self.path = str(path)
-        self.reason = reason
-        super().__init__(f"cannot read audio {self.path}: {reason}")
+        self.reason = reason or ""
+        super().__init__(f"cannot read audio {self.path}: {reason}" if reason is not None else str(path))
 
 
 class CheckpointError(BioaudioError):

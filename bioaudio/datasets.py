@@ -1,0 +1,603 @@
+"""Datasets over manifests: fixed windows, random crops, padding masks, targets, streaming.
+
+Items are dicts, the same for every dataset here:
+    wav           float32 (S,)   mono waveform at `sample_rate`
+    padding_mask  bool (S,)      True on zero padding (short clips padded up to `clip_seconds`)
+    target        float32 (C,) multi-hot when multi-label, else int64 () class index; -100 (the
+                  torch cross-entropy `ignore_index`) for an unlabelled row of a labelled
+                  single-label set. Absent when there are no classes (pretraining).
+    index         int            row position in the dataset (after `min_seconds` filtering)
+    path          str            the audio file
+    start         float          second of the file where `wav` begins
+
+Randomness (training crops, `wave_augment`) is drawn from a generator seeded by
+(seed, epoch, index): the same item is the same clip whatever the worker, process count or resume
+point, and two workers never share a random stream. The epoch lives in a shared-memory tensor,
+so `set_epoch` reaches DataLoader workers even when they are persistent.
+
+Cropping rule: with `clip_seconds` set, a segment longer than the clip is cropped (training: a
+uniformly random crop; evaluation: the first `clip_seconds`, or the centre with
+`eval_crop="center"`), a shorter one is zero-padded at the end with `padding_mask` set.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset, IterableDataset, get_worker_info
+
+from .audio import DEFAULT_SAMPLE_RATE, load, pad_or_crop
+from .errors import AudioDecodeError, ConfigError, DataError
+from .manifest import class_names_of, read_manifest, split_labels
+
+IGNORE_INDEX = -100  # torch.nn.CrossEntropyLoss default: unlabelled single-label rows
+WaveAugment = Callable[[np.ndarray, np.random.Generator], np.ndarray]
+EvalCrop = Literal["start", "center"]
+
+
+# --------------------------------------------------------------------------- classes and labels
+
+
+def is_multi_label(df: pd.DataFrame) -> bool:
+    """True when any row of the manifest carries more than one label."""
+    return any(len(split_labels(v)) > 1 for v in df["labels"])
+
+
+def resolve_classes(
+    df: pd.DataFrame, class_names: Sequence[str] | None = None, multi_label: bool | None = None
+) -> tuple[list[str], bool]:
+    """(class names, multi-label flag): given ones win, else sorted unique labels / detection."""
+    names = list(class_names) if class_names is not None else class_names_of(df)
+    if len(set(names)) != len(names):
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise ConfigError(f"class names are not unique: {', '.join(dup)}")
+    return names, is_multi_label(df) if multi_label is None else bool(multi_label)
+
+
+def _label_indices(
+    labels: str, lookup: dict[str, int], multi_label: bool, where: str
+) -> tuple[int, ...]:
+    names = split_labels(labels)
+    out = []
+    for n in names:
+        if n not in lookup:
+            known = ", ".join(list(lookup)[:20]) + (", ..." if len(lookup) > 20 else "")
+            raise DataError(f"{where}: label {n!r} is not one of the classes ({known})")
+        out.append(lookup[n])
+    if len(out) > 1 and not multi_label:
+        raise DataError(
+            f"{where}: {len(out)} labels ({', '.join(names)}) in a single-label dataset"
+            " (use multi_label=True)"
+        )
+    return tuple(sorted(set(out)))
+
+
+def _with_defaults(df: pd.DataFrame) -> pd.DataFrame:
+    """A hand-made table gets what read_manifest guarantees: start, end, labels."""
+    if "path" not in df.columns or not ({"end", "duration"} & set(df.columns)):
+        raise DataError("a manifest table needs a path column and an end or duration column")
+    if {"start", "end", "labels"} <= set(df.columns):
+        return df
+    df = df.copy()
+    if "start" not in df.columns:
+        df["start"] = 0.0
+    if "end" not in df.columns:
+        df["end"] = df["duration"]
+    if "labels" not in df.columns:
+        df["labels"] = ""
+    return df
+
+
+# --------------------------------------------------------------------------- windows
+
+
+def segment_windows(
+    df: pd.DataFrame, window: float, hop: float | None = None, min_last: float | None = None
+) -> pd.DataFrame:
+    """Expand each row's [start, end) into windows of `window` seconds every `hop` seconds.
+
+    Rule for the tail: windows start at start + k * hop; every full window is kept; the first
+    window that runs past `end` is kept (read short, padded by the dataset) when it is the
+    segment's only window or when it holds at least `min_last` seconds (default: half a window);
+    later partial windows would only repeat its audio and are never made. A segment shorter than
+    `window` therefore gives exactly one padded window.
+
+    Returns a new manifest (index reset) with `start`/`end` set to each window's valid audio,
+    plus `segment_index` (the source row's position) and `window_index` (k); labels and every
+    other column are carried over from the source row.
+    """
+    df = _with_defaults(df)
+    if not window > 0:
+        raise ConfigError(f"window must be positive seconds, got {window}")
+    hop = window if hop is None else hop
+    if not hop > 0:
+        raise ConfigError(f"hop must be positive seconds, got {hop}")
+    min_last = window / 2 if min_last is None else min_last
+    start = df["start"].to_numpy(dtype=float)
+    end = df["end"].to_numpy(dtype=float)
+    bad = np.flatnonzero(~(end > start))
+    if len(bad):
+        i = int(bad[0])
+        raise DataError(
+            f"manifest row {i} ({df['path'].iloc[i]}): segment end {end[i]} is not after"
+            f" start {start[i]}"
+        )
+    eps = 1e-6  # seconds; absorbs float error in sums of hops like 0.1 + 0.2
+    seg = end - start
+    n_full = np.where(seg >= window - eps, np.floor((seg - window) / hop + eps) + 1, 0).astype(int)
+    last_full_end = start + (n_full - 1) * hop + window
+    next_start = start + n_full * hop
+    tail = end - next_start
+    has_partial = (
+        (next_start < end - eps)
+        & ((n_full == 0) | (last_full_end < end - eps))
+        & ((n_full == 0) | (tail >= min_last - eps))
+    )
+    n = n_full + has_partial.astype(int)
+    rows = np.repeat(np.arange(len(df)), n)
+    # k = position of each window inside its segment: a running count reset at every segment
+    k = np.arange(len(rows)) - np.repeat(np.cumsum(n) - n, n)
+    out = df.iloc[rows].reset_index(drop=True).copy()
+    w_start = start[rows] + k * hop
+    out["start"] = np.round(w_start, 6)
+    out["end"] = np.round(np.minimum(w_start + window, end[rows]), 6)
+    out["segment_index"] = rows
+    out["window_index"] = k
+    return out
+
+
+# --------------------------------------------------------------------------- reading one clip
+
+
+def _rng(seed: int, epoch: int, index: int, stream: int) -> np.random.Generator:
+    """Independent generator per (seed, epoch, index, stream): crop = 0, wave_augment = 1."""
+    return np.random.default_rng([int(seed) & 0xFFFFFFFF, int(epoch), int(index), stream])
+
+
+class _ClipReader:
+    """Turns (path, start, end, labels) into an item dict; shared by both datasets."""
+
+    def __init__(
+        self,
+        class_names: list[str],
+        multi_label: bool,
+        sample_rate: int,
+        clip_seconds: float | None,
+        train: bool,
+        seed: int,
+        eval_crop: EvalCrop,
+        wave_augment: WaveAugment | None,
+    ):
+        if clip_seconds is not None and not clip_seconds > 0:
+            raise ConfigError(f"clip_seconds must be positive, got {clip_seconds}")
+        if eval_crop not in ("start", "center"):
+            raise ConfigError(f"eval_crop must be 'start' or 'center', got {eval_crop!r}")
+        self.class_names = class_names
+        self.lookup = {n: i for i, n in enumerate(class_names)}
+        self.multi_label = multi_label
+        self.sample_rate = int(sample_rate)
+        self.clip_seconds = clip_seconds
+        self.train = train
+        self.seed = seed
+        self.eval_crop = eval_crop
+        self.wave_augment = wave_augment
+
+    def target(self, idx: tuple[int, ...]) -> torch.Tensor:
+        if self.multi_label:
+            t = torch.zeros(len(self.class_names), dtype=torch.float32)
+            t[list(idx)] = 1.0
+            return t
+        return torch.tensor(idx[0] if idx else IGNORE_INDEX, dtype=torch.long)
+
+    def read(
+        self,
+        index: int,
+        epoch: int,
+        path: str,
+        start: float,
+        end: float,
+        label_idx: tuple[int, ...] | None,
+    ) -> dict[str, Any]:
+        sr = self.sample_rate
+        n_seg = max(1, int(round((end - start) * sr)))
+        n_clip = n_seg if self.clip_seconds is None else int(round(self.clip_seconds * sr))
+        offset = 0  # samples into the segment
+        if n_seg > n_clip:
+            if self.train:
+                offset = int(_rng(self.seed, epoch, index, 0).integers(0, n_seg - n_clip + 1))
+            elif self.eval_crop == "center":
+                offset = (n_seg - n_clip) // 2
+        n_read = min(n_seg, n_clip)
+        t0 = start + offset / sr
+        x = load(path, sample_rate=sr, offset=t0, duration=n_read / sr)
+        x = x[:n_read]  # a segment running past the file's end comes back short: padded below
+        if self.wave_augment is not None:
+            # augment the valid samples only, so gain / roll / noise never touch the padding
+            x = np.asarray(self.wave_augment(x, _rng(self.seed, epoch, index, 1)), np.float32)
+            x = x[:n_read]
+        wav, mask = pad_or_crop(x, n_clip)
+        item: dict[str, Any] = {
+            "wav": torch.from_numpy(wav),
+            "padding_mask": torch.from_numpy(mask),
+            "index": int(index),
+            "path": path,
+            "start": float(t0),
+        }
+        if self.class_names:
+            item["target"] = self.target(label_idx or ())
+        return item
+
+
+class _SharedEpoch:
+    """An int in shared memory: `set_epoch` in the main process is seen by running workers."""
+
+    def __init__(self) -> None:
+        self.value = torch.zeros((), dtype=torch.int64).share_memory_()
+
+    def get(self) -> int:
+        return int(self.value)
+
+    def set(self, epoch: int) -> None:
+        self.value.fill_(int(epoch))
+
+
+# --------------------------------------------------------------------------- map-style
+
+
+class AudioDataset(Dataset):
+    """Map-style dataset over manifest rows; reads only each item's window by seeking.
+
+    `df` is a manifest DataFrame (or a manifest path). `class_names=None` takes the manifest's
+    sorted labels; `[]` gives items without targets (pretraining on a labelled set). Rows shorter than `min_seconds`
+    (default one 25 ms fbank frame) are dropped at construction with a warning. With
+    `skip_errors`, an unreadable file is reported once as a warning, counted in `n_skipped`
+    (per process) and replaced by the next readable row, so batches keep their size; without it,
+    AudioDecodeError names the file. `wave_augment(wav, rng)` is applied whenever given (pass
+    None for evaluation).
+    """
+
+    def __init__(
+        self,
+        df: pd.DataFrame | str | Path,
+        class_names: Sequence[str] | None = None,
+        sample_rate: int = DEFAULT_SAMPLE_RATE,
+        clip_seconds: float | None = None,
+        train: bool = False,
+        seed: int = 0,
+        multi_label: bool | None = None,
+        min_seconds: float = 0.025,
+        wave_augment: WaveAugment | None = None,
+        eval_crop: EvalCrop = "start",
+        skip_errors: bool = False,
+    ):
+        df = read_manifest(df) if not isinstance(df, pd.DataFrame) else _with_defaults(df)
+        names, multi = resolve_classes(df, class_names, multi_label)
+        keep = (df["end"] - df["start"]).to_numpy() >= min_seconds
+        if not keep.all():
+            warnings.warn(
+                f"dropping {int((~keep).sum())} of {len(df)} segments shorter than"
+                f" min_seconds={min_seconds}",
+                stacklevel=2,
+            )
+        self.df = df[keep].reset_index(drop=True)
+        if len(self.df) == 0:
+            raise DataError(f"no segments of at least {min_seconds} s in the manifest")
+        self.reader = _ClipReader(
+            names, multi, sample_rate, clip_seconds, train, seed, eval_crop, wave_augment
+        )
+        # plain lists: cheap to index and to send to workers (no pandas row access per item)
+        self._paths = [str(p) for p in self.df["path"]]
+        self._start = self.df["start"].to_numpy(dtype=float)
+        self._end = self.df["end"].to_numpy(dtype=float)
+        self._labels = [
+            _label_indices(v, self.reader.lookup, multi, f"manifest row {i} ({self._paths[i]})")
+            if names
+            else ()
+            for i, v in enumerate(self.df["labels"])
+        ]
+        self.skip_errors = skip_errors
+        self.n_skipped = 0
+        self._epoch = _SharedEpoch()
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.reader.class_names
+
+    @property
+    def multi_label(self) -> bool:
+        return self.reader.multi_label
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch.get()
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose random crops / augmentations items are drawn from."""
+        self._epoch.set(epoch)
+
+    def __len__(self) -> int:
+        return len(self._paths)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        index = int(index)
+        tries = min(len(self), 50) if self.skip_errors else 1
+        for k in range(tries):
+            i = (index + k) % len(self)
+            try:
+                return self.reader.read(
+                    i, self.epoch, self._paths[i], self._start[i], self._end[i], self._labels[i]
+                )
+            except AudioDecodeError as e:
+                if not self.skip_errors:
+                    raise
+                self.n_skipped += 1
+                warnings.warn(f"skipping unreadable audio: {e}", stacklevel=2)
+        raise DataError(f"{tries} consecutive unreadable files from row {index}; check the data")
+
+
+# --------------------------------------------------------------------------- collate
+
+
+def collate_batch(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Batch item dicts: waveforms zero-padded to the longest (mask True there), rest stacked.
+
+    Returns wav (B, S) float32, padding_mask (B, S) bool, target (B, C) or (B,) when items have
+    one, index (B,) int64, start (B,) float64, path list[str]; other keys are stacked when they
+    are same-shape tensors or numbers and kept as lists otherwise.
+    """
+    if not items:
+        raise DataError("cannot collate an empty batch")
+    n = max(int(it["wav"].shape[0]) for it in items)
+    wav = torch.zeros(len(items), n, dtype=torch.float32)
+    mask = torch.ones(len(items), n, dtype=torch.bool)
+    for b, it in enumerate(items):
+        s = it["wav"].shape[0]
+        wav[b, :s] = it["wav"]
+        mask[b, :s] = it["padding_mask"]
+    out: dict[str, Any] = {"wav": wav, "padding_mask": mask}
+    has_target = ["target" in it for it in items]
+    if any(has_target) and not all(has_target):
+        raise DataError("a batch mixes items with and without targets")
+    for key in items[0]:
+        if key in ("wav", "padding_mask"):
+            continue
+        values = [it[key] for it in items]
+        if key == "index":
+            out[key] = torch.tensor(values, dtype=torch.long)
+        elif key == "start":
+            out[key] = torch.tensor(values, dtype=torch.float64)
+        elif all(isinstance(v, torch.Tensor) for v in values) and (
+            len({tuple(v.shape) for v in values}) == 1
+        ):
+            out[key] = torch.stack(values)
+        elif all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            out[key] = torch.tensor(values)
+        else:
+            out[key] = values
+    return out
+
+
+# --------------------------------------------------------------------------- streaming
+
+
+_REQUIRED = ("path", "sample_rate", "frames", "duration")
+
+
+def _float(value: str | None, default: float) -> float:
+    if value is None or value.strip() == "":
+        return default
+    return float(value)
+
+
+def _iter_manifest_rows(path: Path) -> Iterator[tuple[str, float, float, str]]:
+    """(absolute path, start, end, labels) per CSV row, one line at a time (never whole)."""
+    base = path.resolve().parent
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            missing = [c for c in _REQUIRED if c not in (reader.fieldnames or [])]
+            if missing:
+                raise DataError(f"{path} is not a manifest: missing column(s) {', '.join(missing)}")
+            for line, rec in enumerate(reader, start=2):
+                try:
+                    duration = float(rec["duration"])
+                    start = _float(rec.get("start"), 0.0)
+                    end = _float(rec.get("end"), duration)
+                except (TypeError, ValueError) as e:
+                    raise DataError(f"{path} line {line}: bad number ({e})") from e
+                p = rec["path"] or ""
+                yield (
+                    p if os.path.isabs(p) else str(base / p),
+                    start,
+                    end,
+                    rec.get("labels") or "",
+                )
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise DataError(f"cannot parse manifest {path}: {e}") from e
+
+
+def _dist_rank_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+class StreamingAudioDataset(IterableDataset):
+    """Iterable dataset that streams a manifest CSV too large to hold in memory.
+
+    Memory: the CSV is read one line at a time; each DataLoader worker holds at most
+    `shuffle_buffer` rows (a path, two floats and a label string each) and the clip it is
+    decoding. Construction makes one streaming pass to count rows and, when `class_names` is not
+    given, to collect the label set (memory proportional to the number of classes).
+
+    Sharding: rows (after dropping segments shorter than `min_seconds`) are numbered in file
+    order; row i goes to rank i % world_size, and within a rank to DataLoader worker
+    (i // world_size) % num_workers. Rank and world size come from the arguments, else from
+    torch.distributed when it is initialised (read when iteration starts). With `even_shards`
+    every rank yields exactly N // world_size rows (the last < world_size rows of the file are
+    dropped) so distributed training never waits on a rank with one batch more; turn it off for
+    evaluation. Do not also let `accelerate` shard this dataset (`accelerator.prepare` on its
+    DataLoader would split it again): build the DataLoader directly and move batches yourself.
+
+    Shuffling (default in training): a seeded buffer per (seed, epoch, rank, worker) gives a
+    local shuffle; a manifest sorted by class should be shuffled once on disk
+    (`bioaudio split` keeps row order). Items, crops and augmentations are the same as
+    `AudioDataset` at the same seed and epoch, keyed by the global row number.
+    """
+
+    def __init__(
+        self,
+        manifest_path: str | Path,
+        class_names: Sequence[str] | None = None,
+        sample_rate: int = DEFAULT_SAMPLE_RATE,
+        clip_seconds: float | None = None,
+        train: bool = False,
+        seed: int = 0,
+        multi_label: bool | None = None,
+        min_seconds: float = 0.025,
+        wave_augment: WaveAugment | None = None,
+        eval_crop: EvalCrop = "start",
+        shuffle: bool | None = None,
+        shuffle_buffer: int = 1000,
+        rank: int | None = None,
+        world_size: int | None = None,
+        even_shards: bool = True,
+        skip_errors: bool = False,
+    ):
+        self.manifest_path = Path(manifest_path)
+        if not self.manifest_path.is_file():
+            raise DataError(f"manifest not found: {self.manifest_path}")
+        if shuffle_buffer < 1:
+            raise ConfigError(f"shuffle_buffer must be at least 1, got {shuffle_buffer}")
+        if (rank is None) != (world_size is None):
+            raise ConfigError("give both rank and world_size, or neither")
+        if world_size is not None and not 0 <= rank < world_size:  # type: ignore[operator]
+            raise ConfigError(f"rank {rank} is not in [0, {world_size})")
+        self.min_seconds = min_seconds
+        # one streaming pass: row count, label set, multi-label detection, and with given
+        # classes a label check, so a bad row fails here rather than inside a worker
+        n_rows, names, multi = 0, set(), False
+        lookup = {n: i for i, n in enumerate(class_names or [])}
+        for path, start, end, labels in _iter_manifest_rows(self.manifest_path):
+            if end - start < min_seconds:
+                continue
+            lab = split_labels(labels)
+            if lookup:
+                strict = bool(multi_label) if multi_label is not None else True
+                where = f"{self.manifest_path} row {n_rows} ({path})"
+                _label_indices(labels, lookup, strict, where)
+            n_rows += 1
+            names.update(lab)
+            multi = multi or len(lab) > 1
+        if n_rows == 0:
+            raise DataError(f"manifest {self.manifest_path} has no segments of >= {min_seconds} s")
+        self.n_rows = n_rows
+        names_list = list(class_names) if class_names is not None else sorted(names)
+        self.reader = _ClipReader(
+            names_list,
+            multi if multi_label is None else bool(multi_label),
+            sample_rate,
+            clip_seconds,
+            train,
+            seed,
+            eval_crop,
+            wave_augment,
+        )
+        self.shuffle = train if shuffle is None else shuffle
+        self.shuffle_buffer = shuffle_buffer
+        self.seed = seed
+        self.rank, self.world_size = rank, world_size
+        self.even_shards = even_shards
+        self.skip_errors = skip_errors
+        self.n_skipped = 0
+        self._epoch = _SharedEpoch()
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.reader.class_names
+
+    @property
+    def multi_label(self) -> bool:
+        return self.reader.multi_label
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch.get()
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch: shuffle order, crops and augmentations change with it."""
+        self._epoch.set(epoch)
+
+    def _rank_world(self) -> tuple[int, int]:
+        if self.world_size is not None:
+            return int(self.rank), int(self.world_size)  # type: ignore[arg-type]
+        return _dist_rank_world()
+
+    def __len__(self) -> int:
+        """Rows this process yields per epoch (over all its workers)."""
+        rank, world = self._rank_world()
+        if self.even_shards:
+            return self.n_rows // world
+        return len(range(rank, self.n_rows, world))
+
+    def _my_rows(self) -> Iterator[tuple[int, str, float, float, str]]:
+        rank, world = self._rank_world()
+        info = get_worker_info()
+        worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        limit = self.n_rows // world if self.even_shards else math.inf
+        i = -1
+        for path, start, end, labels in _iter_manifest_rows(self.manifest_path):
+            if end - start < self.min_seconds:
+                continue  # the same filter as the counting pass, so numbering agrees
+            i += 1
+            local = i // world  # position among this rank's rows
+            if i % world != rank:
+                continue
+            if local >= limit:
+                break
+            if local % n_workers == worker:
+                yield i, path, start, end, labels
+
+    def _shuffled(
+        self, rows: Iterator[tuple[int, str, float, float, str]]
+    ) -> Iterator[tuple[int, str, float, float, str]]:
+        rank, _ = self._rank_world()
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        rng = np.random.default_rng([self.seed & 0xFFFFFFFF, self.epoch, rank, worker, 2])
+        buf: list[tuple[int, str, float, float, str]] = []
+        for row in rows:
+            if len(buf) < self.shuffle_buffer:
+                buf.append(row)
+                continue
+            j = int(rng.integers(len(buf)))
+            buf[j], row = row, buf[j]
+            yield row
+        rng.shuffle(buf)
+        yield from buf
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        rows = self._my_rows()
+        if self.shuffle:
+            rows = self._shuffled(rows)
+        epoch = self.epoch
+        lookup, multi = self.reader.lookup, self.reader.multi_label
+        for i, path, start, end, labels in rows:
+            where = f"{self.manifest_path} row {i} ({path})"
+            label_idx = _label_indices(labels, lookup, multi, where) if lookup else ()
+            try:
+                yield self.reader.read(i, epoch, path, start, end, label_idx)
+            except AudioDecodeError as e:
+                if not self.skip_errors:
+                    raise
+                self.n_skipped += 1
+                warnings.warn(f"skipping unreadable audio: {e}", stacklevel=2)
