@@ -79,7 +79,9 @@ def convert_value(tp: Any, value: Any, name: str) -> Any:
         if tp is int:
             if isinstance(value, bool):
                 raise ConfigError(f"--{name}: {value!r} is not an integer")
-            if isinstance(value, float) and value.is_integer():
+            if isinstance(value, float):
+                if not value.is_integer():
+                    raise ConfigError(f"--{name}: {value!r} is not an integer")
                 return int(value)
             return int(value)
         if tp is float:
