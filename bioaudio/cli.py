@@ -7,6 +7,7 @@ when its command runs, so `bioaudio --help` stays instant. A command module defi
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import os
 import sys
@@ -90,7 +91,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     module_name, help_text = COMMANDS[name]
     module = importlib.import_module(module_name)
-    parser = ArgumentParser(prog=f"bioaudio {name}", description=module.__doc__ or help_text)
+    parser = ArgumentParser(
+        prog=f"bioaudio {name}",
+        description=module.__doc__ or help_text,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     module.add_arguments(parser)
     args = parser.parse_args(argv[1:])
     try:

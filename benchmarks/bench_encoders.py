@@ -1,0 +1,148 @@
+"""Forward+backward throughput of our BEATs / EAT encoders versus a plain reference of the same
+computation, in fp32 and under bf16 autocast, measured side by side in one run; plus model FLOPs
+utilisation (MFU) against this machine's measured matmul peak.
+
+The reference is the same modules and weights with the attention core swapped for the explicit
+computation the official code does (`bioaudio.layers.attention_impl("math")`: q @ k^T, additive
+mask, fp32 softmax, @ v) instead of `F.scaled_dot_product_attention`. Model FLOPs are counted
+with `torch.utils.flop_counter.FlopCounterMode` on one forward+backward step.
+
+    .venv/bin/python benchmarks/bench_encoders.py                 # ~2-3 min on 2 CPU cores
+    .venv/bin/python benchmarks/bench_encoders.py --batch 8 --seconds 10 --iters 10   # GPU box
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bioaudio.layers import attention_impl  # noqa: E402
+from bioaudio.registry import build_encoder  # noqa: E402
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak(dtype: torch.dtype, device: torch.device, n: int, reps: int = 5) -> float:
+    """Best observed FLOP/s over a square n x n matmul and a transformer-MLP-shaped one."""
+    best = 0.0
+    for m, k, o in ((n, n, n), (512, 768, 3072)):
+        a = torch.randn(m, k, device=device, dtype=dtype)
+        b = torch.randn(k, o, device=device, dtype=dtype)
+        a @ b  # warm up
+        for _ in range(reps):
+            _sync(device)
+            t = time.perf_counter()
+            a @ b
+            _sync(device)
+            best = max(best, 2 * m * k * o / (time.perf_counter() - t))
+    return best
+
+
+def step(encoder: torch.nn.Module, fbank: torch.Tensor, bf16: bool) -> None:
+    """One forward + backward pass."""
+    with torch.autocast(fbank.device.type, dtype=torch.bfloat16, enabled=bf16):
+        out = encoder(fbank)
+        loss = out.tokens.float().square().mean()
+        if out.cls is not None:
+            loss = loss + out.cls.float().square().mean()
+    loss.backward()
+    encoder.zero_grad(set_to_none=True)
+
+
+def count_flops(encoder: torch.nn.Module, fbank: torch.Tensor) -> float:
+    """Model FLOPs of one fp32 forward+backward (explicit attention, so every matmul counts)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with attention_impl("math"), FlopCounterMode(display=False) as counter:
+        step(encoder, fbank, bf16=False)
+    return float(counter.get_total_flops())
+
+
+def time_pair(
+    encoder: torch.nn.Module, fbank: torch.Tensor, bf16: bool, warmup: int, iters: int
+) -> tuple[float, float]:
+    """Median seconds per step for (ours, reference), interleaved so drift hits both alike."""
+    device = fbank.device
+    times: dict[str, list[float]] = {"sdpa": [], "math": []}
+    for i in range(warmup + iters):
+        # ABBA order: neither implementation always runs first (caches, clocks, neighbours).
+        for impl in ("sdpa", "math") if i % 2 == 0 else ("math", "sdpa"):
+            with attention_impl(impl):  # type: ignore[arg-type]
+                _sync(device)
+                t = time.perf_counter()
+                step(encoder, fbank, bf16)
+                _sync(device)
+                if i >= warmup:
+                    times[impl].append(time.perf_counter() - t)
+    return statistics.median(times["sdpa"]), statistics.median(times["math"])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="beats,eat", help="comma-separated model types")
+    parser.add_argument("--preset", default="base", help="encoder preset")
+    parser.add_argument("--batch", type=int, default=2, help="clips per step")
+    parser.add_argument("--seconds", type=float, default=3.0, help="clip length (100 frames/s)")
+    parser.add_argument("--iters", type=int, default=4, help="timed steps per configuration")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per configuration")
+    parser.add_argument("--dtypes", default="fp32,bf16", help="fp32 and/or bf16 (autocast)")
+    parser.add_argument("--matmul", type=int, default=2048, help="matrix size for the peak")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    print(
+        f"torch {torch.__version__} on {device} ({torch.get_num_threads()} threads, "
+        f"{torch.backends.cpu.get_cpu_capability() if device.type == 'cpu' else torch.cuda.get_device_name(device)}); "
+        f"batch {args.batch} x {args.seconds:g} s, {args.iters} timed steps"
+    )
+    peaks = {
+        d: matmul_peak(torch.float32 if d == "fp32" else torch.bfloat16, device, args.matmul)
+        for d in dtypes
+    }
+    for d, p in peaks.items():
+        print(f"measured matmul peak {d}: {p / 1e9:8.1f} GFLOP/s (best of square and MLP shapes)")
+    if "bf16" in peaks and "fp32" in peaks:
+        # Autocast keeps part of the work in fp32; on CPUs without native bf16 that part is
+        # faster than bf16 matmuls, so bf16 MFU is taken against the better of the two peaks.
+        peaks["bf16"] = max(peaks["bf16"], peaks["fp32"])
+    print()
+    header = f"{'model':<6} {'dtype':<5} {'tokens':>6} {'GFLOP/step':>10} {'ours clips/s':>12} {'ref clips/s':>11} {'speedup':>7} {'MFU ours':>8} {'MFU ref':>7}"
+    print(header)
+    print("-" * len(header))
+    frames = int(round(args.seconds * 100))
+    frames -= frames % 16
+    for model_type in [m.strip() for m in args.models.split(",") if m.strip()]:
+        encoder = build_encoder(model_type, args.preset).to(device).train()
+        fbank = torch.randn(args.batch, frames, 128, device=device)
+        with torch.no_grad():
+            tokens = encoder(fbank[:1]).tokens.shape[1]
+        flops = count_flops(encoder, fbank)
+        for d in dtypes:
+            ours, ref = time_pair(encoder, fbank, d == "bf16", args.warmup, args.iters)
+            print(
+                f"{model_type:<6} {d:<5} {tokens:>6} {flops / 1e9:>10.1f} "
+                f"{args.batch / ours:>12.2f} {args.batch / ref:>11.2f} {ref / ours:>6.2f}x "
+                f"{flops / ours / peaks[d]:>7.1%} {flops / ref / peaks[d]:>7.1%}"
+            )
+        del encoder
+    print(
+        "\nspeedup = reference step time / our step time (median, same weights, same run); "
+        "MFU = model FLOPs per second / measured matmul peak (bf16 rows: the higher of the two)."
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,196 @@
+"""Convert an official BEATs / EAT checkpoint (or re-export one of ours) to a bioaudio export
+folder (model.safetensors + config.json), verified by reloading it and comparing outputs.
+SRC is an official BEATs .pt, an EAT fairseq .pt, an EAT Hugging Face folder or .safetensors
+file, or an export. Example: bioaudio convert BEATs_iter3_plus_AS2M.pt checkpoints/beats_iter3p.
+See checkpoints/README.md for every official checkpoint and its command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from bioaudio.checkpoint import (
+    WEIGHTS_FILE,
+    detect_format,
+    install_dir,
+    is_export_dir,
+    load_export,
+    load_model,
+    temp_dir_beside,
+    write_export,
+)
+from bioaudio.config import add_dataclass_args, config_from_args
+from bioaudio.errors import CheckpointError, ConfigError
+
+SOURCE_NAMES = {
+    "beats_official": "official BEATs checkpoint",
+    "eat_fairseq": "EAT fairseq checkpoint",
+    "eat_hf": "EAT Hugging Face checkpoint",
+}
+
+
+@dataclass
+class ConvertOptions:
+    """Options of `bioaudio convert` (SRC and DST are positional)."""
+
+    config: str | None = field(
+        default=None,
+        metadata={
+            "help": "config.json of a bare EAT .safetensors file (default: the one beside it)"
+        },
+    )
+    force: bool = field(default=False, metadata={"help": "replace DST if it is an existing export"})
+    class_names: str | None = field(
+        default=None,
+        metadata={
+            "help": "class names: a text file (one per line) or a CSV with a display_name / name "
+            "/ label column, e.g. AudioSet's class_labels_indices.csv"
+        },
+    )
+    ema: bool = field(
+        default=False, metadata={"help": "EAT fairseq pretraining file: export the EMA teacher"}
+    )
+    verify: bool = field(
+        default=True, metadata={"help": "reload the export and compare outputs with the source"}
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("src", help="official checkpoint file or folder, or a bioaudio export")
+    parser.add_argument("dst", help="export folder to write")
+    add_dataclass_args(parser, ConvertOptions)
+
+
+def read_class_names(path: str | Path) -> list[str]:
+    """One name per line, or the name column of a CSV with a header."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"--class_names: no such file {p}")
+    text = p.read_text(encoding="utf-8-sig")
+    first = text.splitlines()[0] if text.strip() else ""
+    if p.suffix.lower() in (".csv", ".tsv") or "," in first:
+        rows = list(
+            csv.DictReader(text.splitlines(), delimiter="\t" if p.suffix == ".tsv" else ",")
+        )
+        for col in ("display_name", "name", "label", "class"):
+            if rows and col in rows[0]:
+                return [r[col].strip() for r in rows]
+        raise ConfigError(f"--class_names: {p} has no display_name / name / label / class column")
+    names = [line.strip() for line in text.splitlines() if line.strip()]
+    if not names:
+        raise ConfigError(f"--class_names: {p} is empty")
+    return names
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@torch.no_grad()
+def compare_outputs(a: torch.nn.Module, b: torch.nn.Module, seed: int = 0) -> float:
+    """Max |difference| of tokens, CLS and logits of two models on a padded random batch."""
+    g = torch.Generator().manual_seed(seed)
+    wav = 0.1 * torch.randn(2, 32000, generator=g)
+    pad = torch.zeros(2, 32000, dtype=torch.bool)
+    pad[1, 20800:] = True
+    wav[pad] = 0.0
+    oa, ob = a.features(wav, pad), b.features(wav, pad)
+    diffs = [(oa.tokens - ob.tokens).abs().max()]
+    if oa.cls is not None and ob.cls is not None:
+        diffs.append((oa.cls - ob.cls).abs().max())
+    if a.head is not None and b.head is not None:
+        diffs.append((a.classify(oa) - b.classify(ob)).abs().max())
+    return float(torch.stack(diffs).max())
+
+
+def _describe(model) -> list[str]:
+    enc = model.encoder_cfg
+    n_params = sum(p.numel() for p in model.parameters())
+    if model.model_type == "beats":
+        size = f"{enc.encoder_layers} layers x {enc.encoder_embed_dim}, {enc.encoder_attention_heads} heads"
+    else:
+        size = f"{enc.depth} blocks x {enc.embed_dim}, {enc.num_heads} heads, max {enc.max_length * enc.patch_size / 100:.1f} s"
+    lines = [f"  model       {model.model_type} ({size}), {n_params / 1e6:.1f}M parameters"]
+    if model.head_cfg is None:
+        lines.append("  head        none (encoder only: embeddings / features)")
+    else:
+        kind = "multi-label" if model.multi_label else "single-label"
+        lines.append(
+            f"  head        {model.head_cfg.pooling} pooling, {model.head_cfg.num_classes} classes ({kind})"
+        )
+    fe = model.frontend_cfg
+    stats = fe.normalisation()
+    norm = f", mean {stats[0]}, std {stats[1]}" if stats else ""
+    lines.append(f"  frontend    {fe.kind}, {fe.sample_rate} Hz{norm}")
+    return lines
+
+
+def run(args: argparse.Namespace) -> int:
+    opts = config_from_args(ConvertOptions, args)
+    src, dst = Path(args.src), Path(args.dst)
+    kind, weights, _ = detect_format(src, opts.config)
+    if dst.exists() and not opts.force:
+        raise ConfigError(f"{dst} already exists; pass --force to replace it")
+    if dst.exists() and (not dst.is_dir() or (any(dst.iterdir()) and not is_export_dir(dst))):
+        raise ConfigError(f"{dst} exists and is not a bioaudio export; refusing to replace it")
+    if dst.resolve() == src.resolve():
+        raise ConfigError("SRC and DST are the same path")
+    names = read_class_names(opts.class_names) if opts.class_names else None
+    steps = 4 + int(opts.verify)
+    # disable=None: no bar when stderr is not a terminal (logs, CI).
+    with tqdm(total=steps, desc="convert", unit="step", leave=False, disable=None) as bar:
+        bar.set_postfix_str(f"reading {src.name}")
+        model = load_model(src, config=opts.config, ema=opts.ema)
+        bar.update()
+        if names is not None:
+            if model.head_cfg is None:
+                raise ConfigError(f"--class_names given but {src} has no classification head")
+            if len(names) != model.head_cfg.num_classes:
+                raise ConfigError(
+                    f"--class_names: {len(names)} names for {model.head_cfg.num_classes} classes"
+                )
+            model.class_names = names
+        bar.set_postfix_str("hashing the source")
+        source_file = weights if weights.is_file() else weights / WEIGHTS_FILE
+        provenance = {"source_sha256": _sha256(source_file) if source_file.is_file() else None}
+        bar.update()
+        tmp = temp_dir_beside(dst)
+        try:
+            bar.set_postfix_str("writing")
+            write_export(model, tmp, provenance)
+            bar.update()
+            diff = None
+            if opts.verify:
+                bar.set_postfix_str("verifying")
+                diff = compare_outputs(model, load_export(tmp))
+                if diff > 1e-5:
+                    raise CheckpointError(
+                        f"verification failed: the reloaded export differs by {diff:.2e}"
+                    )
+                bar.update()
+            install_dir(tmp, dst)
+            bar.update()
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    fmt = model.provenance.get("source_format", kind)
+    print(f"converted {src} ({SOURCE_NAMES.get(fmt, fmt)}) -> {dst}")
+    for line in _describe(model):
+        print(line)
+    if diff is not None:
+        print(f"  verified    reloaded export reproduces the source (max |diff| {diff:.1e})")
+    size = (dst / WEIGHTS_FILE).stat().st_size / 2**20
+    print(f"  wrote       {dst / WEIGHTS_FILE} ({size:.1f} MiB), {dst / 'config.json'}")
+    return 0
