@@ -510,6 +510,25 @@ class _MetricsCSV:
         tmp.replace(self.path)
 
 
+def _lock_run_dir(out: Path) -> Any:
+    """Hold an exclusive lock on `out/.lock` (released by closing the returned file)."""
+    try:
+        import fcntl
+    except ImportError:  # not on POSIX: no lock, as before
+        return None
+    out.mkdir(parents=True, exist_ok=True)
+    fh = open(out / ".lock", "a+")  # noqa: SIM115 (held for the whole run)
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fh.close()
+        raise ConfigError(
+            f"--out_dir {out} is being used by another running training process; "
+            "wait for it to finish or choose another --out_dir"
+        ) from None
+    return fh
+
+
 def _replace_dir(src: Path, dst: Path) -> None:
     """Move a finished directory into place; an existing `dst` is replaced, never half-mixed."""
     old = dst.with_name(f".old-{dst.name}")
@@ -617,6 +636,9 @@ class Trainer:
         # Identity and the resume state are checked now, before anything is trained or written.
         self.identity = model_identity(model, task, identity)
         self.resume_dir = self._resolve_resume()
+        # One run per out_dir at a time: a second command on the same folder would interleave
+        # states and metrics rows.
+        self._lock = _lock_run_dir(self.out_dir) if acc.is_main_process else None
 
         model.to(self.device)
         opt, self._group_hparams = self._build_optimizer(model, optimizer)
@@ -1127,6 +1149,21 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train to `max_steps` (or until interrupted), then final evaluation, state, export and
         summary.json, which always happen. Returns the summary."""
+        try:
+            return self._fit()
+        finally:
+            self.release()
+
+    def release(self) -> None:
+        """Release the run-directory lock (done by `fit`; call it when not fitting)."""
+        if getattr(self, "_lock", None) is not None:
+            self._lock.close()
+            self._lock = None
+
+    def __del__(self) -> None:
+        self.release()
+
+    def _fit(self) -> dict[str, Any]:
         acc, cfg = self.accelerator, self.cfg
         if self.is_main_process:
             self.out_dir.mkdir(parents=True, exist_ok=True)

@@ -459,3 +459,19 @@ def test_two_processes_match_one_process(tmp_path):
         assert summary["resumed_from"] == str(out / "state" / "step_12")
         extended.append(trainer.unwrapped.state_dict())
     assert_same_weights(*extended, atol=1e-5)
+
+
+def test_one_run_per_out_dir_at_a_time(tmp_path):
+    """A second training process on the same out_dir is refused while the first one runs."""
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    first, _, _ = build(make_cfg(tmp_path / "run"), ToyOptions())
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    with pytest.raises(ConfigError, match="another running training process"):
+        build(make_cfg(tmp_path / "run"), ToyOptions())
+    first.release()  # fit() releases it at the end; then the folder is free again
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    second, _, _ = build(make_cfg(tmp_path / "run"), ToyOptions())
+    second.release()
