@@ -10,6 +10,9 @@ Items are dicts, the same for every dataset here:
     path          str            the audio file
     start         float          second of the file where `wav` begins
 
+`bioaudio.features.FeatureDataset` (a feature cache) gives the same items with `feats` (T, F) and
+`frame_mask` (T,) instead of `wav` and `padding_mask`; `collate_batch` pads either kind.
+
 Randomness (training crops, `wave_augment`) is drawn from a generator seeded by
 (seed, epoch, index): the same item is the same clip whatever the worker, process count or resume
 point, and two workers never share a random stream. The epoch lives in a shared-memory tensor,
@@ -347,28 +350,41 @@ class AudioDataset(Dataset):
 # --------------------------------------------------------------------------- collate
 
 
-def collate_batch(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Batch item dicts: waveforms zero-padded to the longest (mask True there), rest stacked.
+# (data key, its padding-mask key): waveform items and cached-feature items
+_PADDED = (("wav", "padding_mask"), ("feats", "frame_mask"))
 
-    Returns wav (B, S) float32, padding_mask (B, S) bool, target (B, C) or (B,) when items have
-    one, index (B,) int64, start (B,) float64, path list[str]; other keys are stacked when they
-    are same-shape tensors or numbers and kept as lists otherwise.
+
+def collate_batch(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Batch item dicts: waveforms or features zero-padded to the longest (mask True there).
+
+    Returns wav (B, S) float32 + padding_mask (B, S) bool for AudioDataset items, or feats
+    (B, T, F) float32 + frame_mask (B, T) bool for FeatureDataset items; target (B, C) or (B,)
+    when items have one, index (B,) int64, start (B,) float64, path list[str]; other keys are
+    stacked when they are same-shape tensors or numbers and kept as lists otherwise.
     """
     if not items:
         raise DataError("cannot collate an empty batch")
-    n = max(int(it["wav"].shape[0]) for it in items)
-    wav = torch.zeros(len(items), n, dtype=torch.float32)
-    mask = torch.ones(len(items), n, dtype=torch.bool)
-    for b, it in enumerate(items):
-        s = it["wav"].shape[0]
-        wav[b, :s] = it["wav"]
-        mask[b, :s] = it["padding_mask"]
-    out: dict[str, Any] = {"wav": wav, "padding_mask": mask}
+    padded = [(k, m) for k, m in _PADDED if k in items[0]]
+    if not padded:
+        raise DataError("batch items hold neither 'wav' nor 'feats'")
+    out: dict[str, Any] = {}
+    for key, mask_key in padded:
+        if not all(key in it for it in items):
+            raise DataError(f"a batch mixes items with and without {key!r}")
+        n = max(int(it[key].shape[0]) for it in items)
+        data = torch.zeros((len(items), n, *items[0][key].shape[1:]), dtype=torch.float32)
+        mask = torch.ones(len(items), n, dtype=torch.bool)
+        for b, it in enumerate(items):
+            s = it[key].shape[0]
+            data[b, :s] = it[key]
+            mask[b, :s] = it[mask_key]
+        out[key], out[mask_key] = data, mask
     has_target = ["target" in it for it in items]
     if any(has_target) and not all(has_target):
         raise DataError("a batch mixes items with and without targets")
+    skip = {k for pair in padded for k in pair}
     for key in items[0]:
-        if key in ("wav", "padding_mask"):
+        if key in skip:
             continue
         values = [it[key] for it in items]
         if key == "index":

@@ -148,7 +148,7 @@ class KaldiFbank(Frontend):
     """BEATs / EAT Kaldi fbank, bit-for-bit the official preprocessing (see module docstring)."""
 
     def clip_features(self, wav: torch.Tensor) -> torch.Tensor:
-        if wav.shape[0] < 400:  # shorter than one 25 ms frame: no frames at all
+        if wav.shape[0] < int(self.cfg.sample_rate * 0.025):  # shorter than one 25 ms frame
             return wav.new_zeros(0, self.cfg.n_mels)
         kaldi = torchaudio.compliance.kaldi
         if self.cfg.kind == "beats_fbank":
@@ -202,6 +202,8 @@ class SpectrogramDB(Frontend):
     def clip_features(self, wav: torch.Tensor) -> torch.Tensor:
         if wav.shape[0] == 0:
             return wav.new_zeros(0, self.cfg.n_features)
+        if wav.shape[0] <= self.cfg.n_fft // 2:  # reflect padding needs more than n_fft / 2
+            wav = torch.nn.functional.pad(wav, (0, self.cfg.n_fft // 2 + 1 - wav.shape[0]))
         spec = self.transform(wav)  # (F, T)
         if self.cfg.kind != "mfcc":
             spec = 10.0 * torch.log10(spec.clamp_min(1e-10))
