@@ -430,8 +430,12 @@ def load_export(path: str | Path) -> Any:
 
     p = Path(path)
     cfg = read_export_config(p)
+    if cfg.get("model_type") == "baseline":  # a CNN baseline (frontend + CNN), bioaudio.classify
+        from .classify import BaselineClassifier as cls
+    else:
+        cls = AudioModel
     try:
-        model = AudioModel.from_config(cfg)
+        model = cls.from_config(cfg)
     except ConfigError as e:
         raise CheckpointError(f"{p / CONFIG_FILE}: {e}") from e
     load_weights(model, read_safetensors(p / WEIGHTS_FILE), str(p / WEIGHTS_FILE))

@@ -24,7 +24,9 @@ class AudioDecodeError(BioaudioError):
         # One-argument form: PyTorch re-creates worker exceptions from their message alone.
         self.path = str(path)
         self.reason = reason or ""
-        super().__init__(f"cannot read audio {self.path}: {reason}" if reason is not None else str(path))
+        super().__init__(
+            f"cannot read audio {self.path}: {reason}" if reason is not None else str(path)
+        )
 
 
 class CheckpointError(BioaudioError):

@@ -198,6 +198,13 @@ class SpectrogramDB(Frontend):
             )
         else:
             raise ValueError(f"not a spectrogram frontend: {cfg.kind}")
+        # The STFT window and mel filters follow from the config: keep them out of state dicts
+        # (exports, Accelerate states). torchaudio's periodic window is also a view of a longer
+        # tensor, which safetensors refuses to save.
+        for module in self.modules():
+            for name, buf in list(module._buffers.items()):
+                if buf is not None:
+                    module.register_buffer(name, buf.clone(), persistent=False)
 
     def clip_features(self, wav: torch.Tensor) -> torch.Tensor:
         if wav.shape[0] == 0:

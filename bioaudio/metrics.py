@@ -35,7 +35,13 @@ def single_label_metrics(
         "balanced_accuracy": float(np.mean([(pred[y == c] == c).mean() for c in present]))
         if len(y)
         else 0.0,
-        "macro_f1": float(skm.f1_score(y, pred, labels=labels, average="macro", zero_division=0)),
+        # over the classes present in the truth or the predictions: a class absent from a small
+        # test set would otherwise count as F1 = 0
+        "macro_f1": float(
+            skm.f1_score(y, pred, labels=np.union1d(y, pred), average="macro", zero_division=0)
+        )
+        if len(y)
+        else 0.0,
         "per_class": {c: report[c] for c in class_names},
         "confusion": cm.tolist(),
     }

@@ -173,8 +173,20 @@ class AudioModel(nn.Module):
             raise ConfigError("this model has no classification head (use embed() or features())")
         return self.head(out)
 
-    def forward(self, wav: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """wav (B, S) -> logits (B, C). Needs a head."""
+    def forward(
+        self,
+        wav: torch.Tensor | None = None,
+        padding_mask: torch.Tensor | None = None,
+        *,
+        feats: torch.Tensor | None = None,
+        frame_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """wav (B, S) -> logits (B, C); or normalised `feats` (B, T, F) with their `frame_mask`
+        (a feature cache, or features augmented by SpecAugment) instead of audio. Needs a head."""
+        if feats is not None:
+            return self.classify(self.encoder(feats, frame_mask))
+        if wav is None:
+            raise ValueError("forward needs `wav` or `feats`")
         return self.classify(self.features(wav, padding_mask))
 
     @torch.no_grad()

@@ -42,6 +42,7 @@ Run directory (`cfg.out_dir`):
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import csv
 import dataclasses
@@ -510,6 +511,11 @@ class _MetricsCSV:
         tmp.replace(self.path)
 
 
+def _destroy_process_group() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def _lock_run_dir(out: Path) -> Any:
     """Hold an exclusive lock on `out/.lock` (released by closing the returned file)."""
     try:
@@ -604,6 +610,8 @@ class Trainer:
             ],
         )
         acc = self.accelerator
+        if acc.num_processes > 1:
+            atexit.register(_destroy_process_group)
         self.device = acc.device
         self.num_processes, self.rank = acc.num_processes, acc.process_index
         per_step = self.num_processes * cfg.grad_accum
@@ -1154,6 +1162,13 @@ class Trainer:
         finally:
             self.release()
 
+    def _end_trackers(self) -> None:
+        # Not `accelerator.end_training()`: it also destroys the process group, which a command
+        # running several seeds / folds (and its test evaluation) still needs. The group is
+        # destroyed once, at interpreter exit.
+        for tracker in self.accelerator.trackers:
+            tracker.finish()
+
     def release(self) -> None:
         """Release the run-directory lock (done by `fit`; call it when not fitting)."""
         if getattr(self, "_lock", None) is not None:
@@ -1204,14 +1219,14 @@ class Trainer:
                     self.out_dir / "summary.json",
                     self._summary("failed", None, resumed_from, error=_first_line(e)),
                 )
-            acc.end_training()
+            self._end_trackers()
             raise
         finally:
             self._restore_signal_handlers(previous)
         summary = self._summary(status, final_eval, resumed_from)
         if self.is_main_process:
             save_json_atomic(self.out_dir / "summary.json", summary)
-        acc.end_training()
+        self._end_trackers()
         if status == "diverged":
             error = (
                 f"training diverged: {self.consecutive_bad} non-finite steps in a row up to step "

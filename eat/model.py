@@ -284,13 +284,20 @@ class EATModel(AudioModel):
         out = self.encoder(self._official_input(mel))
         return torch.cat([out.cls[:, None], out.tokens], dim=1)
 
-    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-        if x.dim() == 4:  # the official log-mel input
+    def forward(
+        self,
+        x: torch.Tensor | None = None,
+        padding_mask: torch.Tensor | None = None,
+        *,
+        feats: torch.Tensor | None = None,
+        frame_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if x is not None and x.dim() == 4:  # the official log-mel input
             out = self.encoder(self._official_input(x))
             if self.head is None:
                 return torch.cat([out.cls[:, None], out.tokens], dim=1)
             return self.head(out)
-        return super().forward(x, padding_mask)
+        return super().forward(x, padding_mask, feats=feats, frame_mask=frame_mask)
 
     def _official_input(self, mel: torch.Tensor) -> torch.Tensor:
         if mel.dim() != 4 or mel.shape[1] != 1:

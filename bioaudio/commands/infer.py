@@ -1,0 +1,336 @@
+"""Classify audio with a trained classifier: one file or every audio file under a folder.
+
+MODEL is an export folder (model.safetensors + config.json) or a run directory (its best/ model,
+else export/). Each file is cut into --window second windows every --hop seconds (default: the
+model's training clip length), every window is classified, and the file's probabilities are the
+mean over its windows: softmax for single-label models, sigmoid for multi-label ones (then every
+class over --threshold is reported).
+
+One file:  prints the predicted class, its probability and the top-k; writes OUT/<name>.png (the
+           spectrogram with the prediction, and a per-window probability strip for files longer
+           than one window), OUT/<name>_windows.csv and OUT/<name>.json.
+A folder:  writes OUT/predictions.csv (file, predicted class, probability, top-k, per-class
+           probabilities), OUT/predicted_classes.png (bar chart) and OUT/skipped.csv (files that
+           could not be read, with the reason).
+
+Examples:
+  bioaudio infer runs/tiny/seed_42 recordings/owl.wav
+  bioaudio infer runs/tiny/seed_42/best recordings/ --out predictions --top_k 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .. import audio
+from ..classify import ClipPredictions, load_classifier, predict_clips
+from ..config import add_dataclass_args, config_from_args, save_json_atomic
+from ..errors import AudioDecodeError, ConfigError, DataError
+from ..manifest import find_audio_files
+
+DEFAULT_WINDOW = 5.0
+
+
+@dataclass
+class InferConfig:
+    """Options of `bioaudio infer`."""
+
+    out: Path | None = field(
+        default=None, metadata={"help": "output folder (default: ./predictions_<INPUT name>)"}
+    )
+    window: float | None = field(
+        default=None, metadata={"help": "window seconds (default: the model's training clip)"}
+    )
+    hop: float | None = field(
+        default=None, metadata={"help": "hop between windows in seconds (default: --window)"}
+    )
+    top_k: int = field(default=3, metadata={"help": "classes listed per file"})
+    threshold: float = field(
+        default=0.5, metadata={"help": "multi-label: a class is present above this probability"}
+    )
+    batch_size: int = field(default=16, metadata={"help": "windows per forward pass"})
+    num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes"})
+    plot_seconds: float = field(
+        default=60.0, metadata={"help": "seconds of spectrogram drawn for one file"}
+    )
+    cpu: bool = field(default=False, metadata={"help": "run on CPU even when a GPU is available"})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+
+    def validate(self) -> None:
+        for name in ("window", "hop"):
+            v = getattr(self, name)
+            if v is not None and not v > 0:
+                raise ConfigError(f"--{name} must be positive seconds, got {v}")
+        if self.top_k < 1:
+            raise ConfigError(f"--top_k must be >= 1, got {self.top_k}")
+        if not 0.0 < self.threshold < 1.0:
+            raise ConfigError(f"--threshold must be in (0, 1), got {self.threshold}")
+        if self.batch_size < 1 or self.num_workers < 0:
+            raise ConfigError("--batch_size must be >= 1 and --num_workers >= 0")
+        if not self.plot_seconds > 0:
+            raise ConfigError(f"--plot_seconds must be positive, got {self.plot_seconds}")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("model", type=Path, help="export folder or run directory")
+    parser.add_argument("input", type=Path, help="an audio file or a folder of audio files")
+    parser.add_argument("--config", help="YAML / JSON file of options (flags override it)")
+    add_dataclass_args(parser, InferConfig)
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def _top_k(probs: np.ndarray, names: list[str], k: int) -> list[tuple[str, float]]:
+    order = np.argsort(-probs, kind="stable")[:k]
+    return [(names[i], float(probs[i])) for i in order]
+
+
+def _predicted(probs: np.ndarray, names: list[str], multi: bool, threshold: float) -> str:
+    if multi:
+        return ",".join(n for n, p in zip(names, probs) if p >= threshold)
+    return names[int(np.argmax(probs))]
+
+
+def _atomic_savefig(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def _write_csv(df: pd.DataFrame, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    df.to_csv(tmp, index=False)
+    tmp.replace(path)
+
+
+def plot_file_prediction(
+    model: torch.nn.Module,
+    path: Path,
+    windows: pd.DataFrame,
+    title: str,
+    out: Path,
+    plot_seconds: float,
+    hop: float,
+) -> Path:
+    """The file's spectrogram (first `plot_seconds`) titled with the prediction, and below it the
+    per-window class probabilities when there is more than one window."""
+    import matplotlib.pyplot as plt
+
+    from .. import plots  # noqa: F401  (selects the headless backend)
+
+    fcfg = model.frontend_cfg
+    wav = audio.load(path, sample_rate=fcfg.sample_rate, duration=plot_seconds)
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        feats, _ = model.featurise(torch.from_numpy(wav)[None].to(device))
+    feats = feats[0].float().cpu().numpy()  # (T, F)
+    names = list(model.class_names)
+    strip = len(windows) > 1
+    fig, axes = plt.subplots(
+        2 if strip else 1,
+        1,
+        figsize=(10, 3.2 + (0.25 * len(names) + 1.2 if strip else 0)),
+        squeeze=False,
+        layout="constrained",
+        gridspec_kw={"height_ratios": [3, max(1.5, 0.25 * len(names))]} if strip else None,
+    )
+    ax = axes[0, 0]
+    seconds = feats.shape[0] / fcfg.frame_rate
+    ax.imshow(
+        feats.T, origin="lower", aspect="auto", extent=(0, seconds, 0, feats.shape[1]), cmap="magma"
+    )
+    ax.set_ylabel(f"{fcfg.kind} bin")
+    ax.set_xlabel("s")
+    ax.set_title(title, fontsize=10)
+    if strip:
+        probs = windows[names].to_numpy().T  # (C, W)
+        ax2 = axes[1, 0]
+        starts = windows["start"].to_numpy()
+        im = ax2.imshow(
+            probs,
+            origin="lower",
+            aspect="auto",
+            extent=(starts[0], starts[-1] + hop, -0.5, len(names) - 0.5),
+            vmin=0,
+            vmax=1,
+            cmap="viridis",
+            interpolation="nearest",
+        )
+        ax2.set_yticks(range(len(names)), names, fontsize=7)
+        ax2.set_xlabel("window start (s)")
+        ax2.set_title("probability per window", fontsize=9)
+        fig.colorbar(im, ax=ax2, fraction=0.03)
+    _atomic_savefig(fig, out)
+    return out
+
+
+def _probe(paths: list[Path]) -> tuple[pd.DataFrame, list[dict[str, str]]]:
+    rows, skipped = [], []
+    for p in paths:
+        try:
+            meta = audio.info(p)
+        except AudioDecodeError as e:
+            skipped.append({"path": str(p), "reason": e.reason or str(e)})
+            continue
+        rows.append({"path": str(p), "start": 0.0, "end": meta.duration, "duration": meta.duration})
+    return pd.DataFrame(rows, columns=["path", "start", "end", "duration"]), skipped
+
+
+def _clip_predictions(
+    model: torch.nn.Module, df: pd.DataFrame, cfg: InferConfig, window: float, device, skip: bool
+) -> ClipPredictions:
+    return predict_clips(
+        model,
+        df.assign(labels=""),
+        window=window,
+        hop=cfg.hop,
+        labels=False,
+        batch_size=cfg.batch_size,
+        num_workers=cfg.num_workers,
+        device=device,
+        skip_errors=skip,
+        progress=cfg.progress,
+        desc="infer",
+    )
+
+
+def infer_file(
+    model: torch.nn.Module, path: Path, out: Path, cfg: InferConfig, window: float, device
+) -> dict:
+    """Classify one file; write its PNG, per-window CSV and JSON record into `out`."""
+    meta = audio.info(path)
+    df = pd.DataFrame([{"path": str(path), "start": 0.0, "end": meta.duration}])
+    clips = _clip_predictions(model, df, cfg, window, device, skip=False)
+    if len(clips.rows) == 0:
+        raise DataError(f"{path}: too short to classify ({meta.duration:.3f} s)")
+    names, multi = list(model.class_names), bool(model.multi_label)
+    probs = clips.scores[0]
+    top = _top_k(probs, names, cfg.top_k)
+    predicted = _predicted(probs, names, multi, cfg.threshold)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = path.stem
+    _write_csv(clips.windows.drop(columns="row"), out / f"{stem}_windows.csv")
+    shown = predicted or "(no class over threshold)"
+    title = f"{path.name}: {shown} ({float(probs.max()):.0%})"
+    if multi:
+        title = f"{path.name}: {shown} (max {float(probs.max()):.0%})"
+    hop = cfg.hop or window
+    png = plot_file_prediction(
+        model, path, clips.windows, title, out / f"{stem}.png", cfg.plot_seconds, hop
+    )
+    record = {
+        "file": str(path),
+        "predicted": predicted,
+        "probability": float(probs.max()),
+        "top_k": [{"class": n, "probability": p} for n, p in top],
+        "probabilities": {n: float(p) for n, p in zip(names, probs)},
+        "windows": len(clips.windows),
+        "window_seconds": window,
+        "hop_seconds": hop,
+        "multi_label": multi,
+    }
+    save_json_atomic(out / f"{stem}.json", record)
+    if multi:
+        print(f"{path}: {shown} (threshold {cfg.threshold})")
+    else:
+        print(f"{path}: {predicted} (probability {float(probs.max()):.3f})")
+    for n, p in top:
+        print(f"  {p:7.3f}  {n}")
+    print(f"{len(clips.windows)} window(s) of {window:g} s; wrote {png}, {out / f'{stem}.json'}")
+    return record
+
+
+def infer_folder(
+    model: torch.nn.Module, folder: Path, out: Path, cfg: InferConfig, window: float, device
+) -> pd.DataFrame:
+    """Classify every audio file under `folder`: predictions.csv, bar chart, skipped.csv."""
+    from ..plots import plot_bar
+
+    paths = find_audio_files(folder)
+    if not paths:
+        raise DataError(f"no audio files under {folder}")
+    df, skipped = _probe(paths)
+    names, multi = list(model.class_names), bool(model.multi_label)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    if len(df):
+        clips = _clip_predictions(model, df, cfg, window, device, skip=True)
+        for r, reason in sorted(clips.errors.items()):
+            skipped.append({"path": df["path"].iloc[r], "reason": reason})
+        n_windows = clips.windows.groupby("row").size()
+        for probs, r in zip(clips.scores, clips.rows):
+            p = Path(df["path"].iloc[r])
+            row = {
+                "file": str(p.relative_to(folder)) if p.is_relative_to(folder) else str(p),
+                "duration": round(float(df["duration"].iloc[r]), 3),
+                "windows": int(n_windows.get(r, 0)),
+                "predicted": _predicted(probs, names, multi, cfg.threshold),
+                "probability": float(probs.max()),
+                "top_k": "; ".join(f"{n}:{q:.3f}" for n, q in _top_k(probs, names, cfg.top_k)),
+            }
+            row.update({f"p_{n}": float(q) for n, q in zip(names, probs)})
+            rows.append(row)
+    columns = ["file", "duration", "windows", "predicted", "probability", "top_k"]
+    table = pd.DataFrame(rows, columns=columns + [f"p_{n}" for n in names])
+    _write_csv(pd.DataFrame(skipped, columns=["path", "reason"]), out / "skipped.csv")
+    if table.empty:
+        raise DataError(
+            f"none of the {len(paths)} audio file(s) under {folder} could be read; reasons in"
+            f" {out / 'skipped.csv'}"
+        )
+    _write_csv(table, out / "predictions.csv")
+    if multi:
+        counts = {n: int((table[f"p_{n}"] >= cfg.threshold).sum()) for n in names}
+    else:
+        counts = {n: int((table["predicted"] == n).sum()) for n in names}
+    plot_bar(
+        counts,
+        out / "predicted_classes.png",
+        title=f"predicted classes of {len(table)} file(s) in {folder.name}",
+        ylabel="files",
+    )
+    print(f"classified {len(table)} file(s) under {folder}")
+    for n, c in sorted(counts.items(), key=lambda kv: -kv[1]):
+        if c:
+            print(f"  {c:6d}  {n}")
+    if skipped:
+        print(f"skipped {len(skipped)} unreadable file(s), reasons in {out / 'skipped.csv'}")
+    print(f"wrote {out / 'predictions.csv'} and {out / 'predicted_classes.png'}")
+    return table
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = config_from_args(InferConfig, args)
+    source = Path(args.input).expanduser()
+    if not source.exists():
+        raise DataError(f"input not found: {source}")
+    use_cuda = torch.cuda.is_available() and not cfg.cpu
+    device = torch.device("cuda" if use_cuda else "cpu")
+    model = load_classifier(args.model, device=device)
+    names = list(getattr(model, "class_names", []) or [])
+    if not names or not hasattr(model, "frontend_cfg"):
+        raise ConfigError(f"{args.model}: not a classifier (no class names / head)")
+    provenance = getattr(model, "provenance", {}) or {}
+    window = cfg.window or provenance.get("clip_seconds") or DEFAULT_WINDOW
+    out = cfg.out or Path.cwd() / f"predictions_{source.stem or source.name}"
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} exists and is not a folder")
+    cfg = dataclasses.replace(cfg, out=out)
+    if source.is_dir():
+        infer_folder(model, source.resolve(), out, cfg, float(window), device)
+    else:
+        infer_file(model, source, out, cfg, float(window), device)
+    return 0
