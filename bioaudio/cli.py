@@ -11,6 +11,7 @@ import argparse
 import importlib
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 
 from .config import ArgumentParser
@@ -73,8 +74,14 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
+def _format_warning(message, category, filename, lineno, line=None) -> str:  # noqa: ANN001
+    # Users see "warning: ..." lines, not source file paths and line numbers.
+    return f"warning: {message}\n"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    warnings.formatwarning = _format_warning
     top = build_parser()
     if not argv or argv[0] in ("-h", "--help"):
         top.print_help()

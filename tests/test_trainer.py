@@ -403,6 +403,20 @@ def test_tensorboard_events(tmp_path):
     assert steps == {2, 4, 6}
 
 
+def test_wandb_offline_without_account(tmp_path, monkeypatch):
+    """--report_to wandb works with no account: an offline run folder with the logged steps."""
+    pytest.importorskip("wandb")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.netrc credentials either
+    cfg = make_cfg(tmp_path / "run", max_steps=4, log_every=2, eval_every=0, report_to="wandb")
+    run(cfg, ToyOptions(n_eval=0))
+    offline = sorted((tmp_path / "run").rglob("offline-run-*"))
+    assert offline, "no offline wandb run folder"
+    history = list(offline[0].rglob("*.wandb"))
+    assert history and history[0].stat().st_size > 0
+
+
 # ------------------------------------------------------------------------------ 2 processes
 
 

@@ -58,7 +58,8 @@ class InferConfig:
     batch_size: int = field(default=16, metadata={"help": "windows per forward pass"})
     num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes"})
     plot_seconds: float = field(
-        default=60.0, metadata={"help": "seconds of spectrogram drawn for one file"}
+        default=300.0,
+        metadata={"help": "one file: seconds drawn (spectrogram and window probabilities)"},
     )
     cpu: bool = field(default=False, metadata={"help": "run on CPU even when a GPU is available"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
@@ -144,6 +145,7 @@ def plot_file_prediction(
         1,
         figsize=(10, 3.2 + (0.25 * len(names) + 1.2 if strip else 0)),
         squeeze=False,
+        sharex=True,
         layout="constrained",
         gridspec_kw={"height_ratios": [3, max(1.5, 0.25 * len(names))]} if strip else None,
     )
@@ -153,8 +155,11 @@ def plot_file_prediction(
         feats.T, origin="lower", aspect="auto", extent=(0, seconds, 0, feats.shape[1]), cmap="magma"
     )
     ax.set_ylabel(f"{fcfg.kind} bin")
-    ax.set_xlabel("s")
-    ax.set_title(title, fontsize=10)
+    if not strip:
+        ax.set_xlabel("time (s)")
+    ax.set_xlim(0, seconds)
+    shown = float(windows["start"].max()) + hop > seconds + 1e-6
+    ax.set_title(title + (f"  (first {seconds:.0f} s shown)" if shown else ""), fontsize=10)
     if strip:
         probs = windows[names].to_numpy().T  # (C, W)
         ax2 = axes[1, 0]
@@ -170,8 +175,9 @@ def plot_file_prediction(
             interpolation="nearest",
         )
         ax2.set_yticks(range(len(names)), names, fontsize=7)
-        ax2.set_xlabel("window start (s)")
-        ax2.set_title("probability per window", fontsize=9)
+        ax2.set_xlabel("time (s)")
+        ax2.set_xlim(0, seconds)
+        ax2.set_title("class probability per window", fontsize=9)
         fig.colorbar(im, ax=ax2, fraction=0.03)
     _atomic_savefig(fig, out)
     return out
