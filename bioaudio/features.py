@@ -60,7 +60,7 @@ from .datasets import (
     segment_windows,
 )
 from .errors import AudioDecodeError, ConfigError, DataError
-from .frontend import FrontendConfig, FrontendKind, build_frontend
+from .frontend import FrontendConfig, FrontendKind, build_frontend, frontend_from_options
 from .manifest import read_manifest
 from .stats import apply_stats, resolve_stats
 
@@ -176,15 +176,7 @@ class FeaturesConfig:
 
     def frontend_config(self) -> FrontendConfig:
         """The frontend whose features are cached (statistics are added by `build_cache`)."""
-        return FrontendConfig(
-            kind=self.frontend,
-            sample_rate=self.sample_rate,
-            n_mels=self.n_mels,
-            n_fft=self.n_fft,
-            hop_length=self.hop_length,
-            n_mfcc=self.n_mfcc,
-            top_db=self.top_db,
-        )
+        return frontend_from_options(self)
 
     @property
     def effective_hop(self) -> float | None:

@@ -85,6 +85,17 @@ class FrontendConfig:
         return OFFICIAL_STATS.get(self.kind)
 
 
+# Fields an options dataclass may repeat as flat flags (`--frontend logmel --n_mels 64`).
+FLAT_OPTIONS = ("sample_rate", "n_mels", "n_fft", "hop_length", "n_mfcc", "top_db")
+
+
+def frontend_from_options(options: object) -> FrontendConfig:
+    """A FrontendConfig from a command's flat options: `options.frontend` is the kind, and any of
+    FLAT_OPTIONS the options define are copied (the others keep their defaults)."""
+    values = {n: getattr(options, n) for n in FLAT_OPTIONS if hasattr(options, n)}
+    return FrontendConfig(kind=options.frontend, **values)  # type: ignore[attr-defined]
+
+
 def valid_lengths(wav: torch.Tensor, padding_mask: torch.Tensor | None) -> torch.Tensor:
     """Number of valid samples per clip (padding is assumed to be at the end)."""
     if padding_mask is None:

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from .config import save_json_atomic
 from .datasets import AudioDataset
 from .errors import AudioDecodeError, ConfigError, DataError
-from .frontend import FrontendConfig, FrontendKind, build_frontend
+from .frontend import FrontendConfig, FrontendKind, build_frontend, frontend_from_options
 
 STATS_FILE = "stats.json"
 
@@ -71,14 +71,7 @@ class StatsConfig:
 
     def frontend_config(self) -> FrontendConfig:
         """The un-normalised frontend whose features are measured (no frame padding)."""
-        return FrontendConfig(
-            kind=self.frontend,
-            sample_rate=self.sample_rate,
-            n_mels=self.n_mels,
-            n_fft=self.n_fft,
-            hop_length=self.hop_length,
-            n_mfcc=self.n_mfcc,
-        )
+        return frontend_from_options(self)
 
 
 class _ClipMoments(Dataset):

@@ -26,7 +26,7 @@ import torch
 from ..config import add_dataclass_args, config_from_args
 from ..datasets import AudioDataset
 from ..errors import AudioDecodeError, ConfigError, DataError
-from ..frontend import FrontendConfig, FrontendKind, build_frontend
+from ..frontend import FrontendConfig, FrontendKind, build_frontend, frontend_from_options
 from ..manifest import class_names_of, read_manifest, split_labels
 
 UNLABELLED = "(unlabelled)"
@@ -79,13 +79,7 @@ class PreviewConfig:
                 raise ConfigError(f"--{name} must be >= 1, got {getattr(self, name)}")
 
     def frontend_config(self) -> FrontendConfig:
-        return FrontendConfig(
-            kind=self.frontend,
-            sample_rate=self.sample_rate,
-            n_mels=self.n_mels,
-            n_fft=self.n_fft,
-            hop_length=self.hop_length,
-        )
+        return frontend_from_options(self)
 
 
 @dataclass

@@ -66,7 +66,7 @@ from ..config import add_dataclass_args, config_from_args, save_json_atomic, to_
 from ..datasets import AudioDataset, collate_batch, resolve_classes, segment_windows
 from ..errors import ConfigError, DataError
 from ..features import FeatureDataset, find_cache, frames_for_seconds, open_cache
-from ..frontend import FrontendConfig, FrontendKind
+from ..frontend import FrontendConfig, FrontendKind, frontend_from_options
 from ..manifest import read_manifest, split_labels
 from ..metrics import row_normalised
 from ..splits import SplitConfig, assign_splits, split_manifest, strata_of
@@ -238,15 +238,7 @@ class TrainBaselineConfig(TrainConfig):
         return TrainConfig(**values)
 
     def frontend_config(self) -> FrontendConfig:
-        return FrontendConfig(
-            kind=self.frontend,
-            sample_rate=self.sample_rate,
-            n_mels=self.n_mels,
-            n_fft=self.n_fft,
-            hop_length=self.hop_length,
-            n_mfcc=self.n_mfcc,
-            top_db=self.top_db,
-        )
+        return frontend_from_options(self)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
