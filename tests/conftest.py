@@ -51,3 +51,25 @@ def make_tone(
 @pytest.fixture
 def tone():
     return make_tone
+
+
+def whole_file_row(
+    path: Path, labels: str = "", recording: str | None = None, source: str = "test"
+) -> dict:
+    """A manifest row for a whole audio file, from its header (tests build manifests this way,
+    independently of `bioaudio prepare`)."""
+    from bioaudio import audio
+
+    meta = audio.info(path)
+    return {
+        "path": str(path),
+        "sample_rate": meta.sample_rate,
+        "frames": meta.frames,
+        "duration": meta.duration,
+        "channels": meta.channels,
+        "start": 0.0,
+        "end": meta.duration,
+        "labels": labels,
+        "recording": path.stem if recording is None else recording,
+        "source": source,
+    }

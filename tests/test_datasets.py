@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 import soundfile as sf
 import torch
+from conftest import whole_file_row
 from torch.utils.data import DataLoader
 
 from bioaudio import audio
@@ -29,24 +30,7 @@ SR = 16000
 
 def manifest_rows(files: list[tuple[Path, str]]) -> pd.DataFrame:
     """A manifest of whole files from their headers (not `bioaudio prepare`: kept independent)."""
-    rows = []
-    for path, labels in files:
-        meta = audio.info(path)
-        rows.append(
-            {
-                "path": str(path),
-                "sample_rate": meta.sample_rate,
-                "frames": meta.frames,
-                "duration": meta.duration,
-                "channels": meta.channels,
-                "start": 0.0,
-                "end": meta.duration,
-                "labels": labels,
-                "recording": path.stem,
-                "source": "test",
-            }
-        )
-    return pd.DataFrame(rows)
+    return pd.DataFrame([whole_file_row(path, labels) for path, labels in files])
 
 
 def noise(seconds: float, sr: int, seed: int, channels: int = 1) -> np.ndarray:

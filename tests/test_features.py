@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 import soundfile as sf
 import torch
+from conftest import whole_file_row
 from torch.utils.data import DataLoader
 
 from bioaudio import audio
@@ -38,21 +39,7 @@ def write_set(root: Path, specs: list[tuple[str, float, int, int, str]], tone) -
     for i, (name, sec, sr, ch, labels) in enumerate(specs):
         p = root / name
         sf.write(p, tone(sec, sr, 300.0 + 150 * i, channels=ch, seed=i), sr)
-        meta = audio.info(p)
-        rows.append(
-            {
-                "path": str(p),
-                "sample_rate": meta.sample_rate,
-                "frames": meta.frames,
-                "duration": meta.duration,
-                "channels": meta.channels,
-                "start": 0.0,
-                "end": meta.duration,
-                "labels": labels,
-                "recording": p.stem,
-                "source": "test",
-            }
-        )
+        rows.append(whole_file_row(p, labels))
     return write_manifest(pd.DataFrame(rows), root / "manifest.csv")
 
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import whole_file_row
 
-from bioaudio import audio
 from bioaudio.cli import main
 from bioaudio.datasets import segment_windows
 from bioaudio.errors import ConfigError, DataError
@@ -254,21 +254,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys, args, match):
 def _header_manifest(files: list[Path], labels: list[str]) -> pd.DataFrame:
     rows = []
     for p, lab in zip(files, labels):
-        meta = audio.info(p)
-        rows.append(
-            {
-                "path": str(p),
-                "sample_rate": meta.sample_rate,
-                "frames": meta.frames,
-                "duration": meta.duration,
-                "channels": meta.channels,
-                "start": 0.0,
-                "end": meta.duration,
-                "labels": lab,
-                "recording": str(p),
-                "source": "folder",
-            }
-        )
+        rows.append(whole_file_row(p, lab, recording=str(p), source="folder"))
     return pd.DataFrame(rows)
 
 

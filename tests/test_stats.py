@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 import soundfile as sf
 import torch
+from conftest import whole_file_row
 
 from bioaudio import audio
 from bioaudio.cli import main
@@ -35,21 +36,7 @@ def clip_set(tmp_path, tone):
     for i, (sec, sr, ch) in enumerate(specs):
         p = tmp_path / f"clip{i}.wav"
         sf.write(p, tone(sec, sr, 200.0 * (i + 1), channels=ch, seed=i) * (0.2 + 0.2 * i), sr)
-        meta = audio.info(p)
-        rows.append(
-            {
-                "path": str(p),
-                "sample_rate": meta.sample_rate,
-                "frames": meta.frames,
-                "duration": meta.duration,
-                "channels": meta.channels,
-                "start": 0.0,
-                "end": meta.duration,
-                "labels": "",
-                "recording": p.stem,
-                "source": "none",
-            }
-        )
+        rows.append(whole_file_row(p, source="none"))
     df = pd.DataFrame(rows)
     manifest = tmp_path / "train.csv"
     write_manifest(df, manifest)
