@@ -24,11 +24,11 @@ from typing import Any
 
 import torch
 
-from bioaudio.checkpoint import load_weights
 from bioaudio.config import from_dict
+from bioaudio.data.frontend import FrontendConfig
 from bioaudio.errors import CheckpointError, ConfigError
-from bioaudio.frontend import FrontendConfig
-from bioaudio.heads import HeadConfig
+from bioaudio.models.checkpoint import load_weights
+from bioaudio.models.heads import HeadConfig
 
 from .model import BEATsConfig, BEATsEncoder, BEATsModel
 

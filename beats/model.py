@@ -35,7 +35,8 @@ import torch.nn.functional as F
 from torch.nn.utils.parametrizations import weight_norm
 
 from bioaudio.errors import ConfigError
-from bioaudio.layers import (
+from bioaudio.models.audio_model import AudioModel
+from bioaudio.models.layers import (
     EncoderOutput,
     PatchEmbed,
     attention,
@@ -45,7 +46,6 @@ from bioaudio.layers import (
     key_padding_bias,
     run_layer,
 )
-from bioaudio.model import AudioModel
 
 Activation = Literal["gelu", "gelu_accurate", "gelu_fast", "relu", "tanh", "linear"]
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from bioaudio import audio
+from bioaudio.data import audio
 
 
 def make_long_flac(path: Path, hours: float, sr: int) -> None:

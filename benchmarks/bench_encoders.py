@@ -23,8 +23,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bioaudio.layers import attention_impl  # noqa: E402
-from bioaudio.registry import build_encoder  # noqa: E402
+from bioaudio.models.layers import attention_impl
+from bioaudio.models.registry import build_encoder
 
 
 def _sync(device: torch.device) -> None:

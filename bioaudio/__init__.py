@@ -9,6 +9,6 @@ __all__ = ["load_model"]
 
 def load_model(path: Any, **kwargs: Any) -> Any:
     """Load an official BEATs / EAT checkpoint or one of our exports (see `bioaudio.checkpoint`)."""
-    from .checkpoint import load_model as _load_model
+    from bioaudio.models.checkpoint import load_model as _load_model
 
     return _load_model(path, **kwargs)

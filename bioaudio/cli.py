@@ -14,8 +14,8 @@ import sys
 import warnings
 from collections.abc import Sequence
 
-from .config import ArgumentParser
-from .errors import BioaudioError
+from bioaudio.config import ArgumentParser
+from bioaudio.errors import BioaudioError
 
 # name -> (module, one-line help). Keep in the order a user meets them.
 COMMANDS: dict[str, tuple[str, str]] = {

@@ -16,7 +16,7 @@ import typing
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
-from .errors import ConfigError
+from bioaudio.errors import ConfigError
 
 T = TypeVar("T")
 

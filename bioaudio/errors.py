@@ -31,3 +31,9 @@ class AudioDecodeError(BioaudioError):
 
 class CheckpointError(BioaudioError):
     """A checkpoint or export that cannot be loaded (unknown format, truncated, wrong shapes)."""
+
+
+def first_line(e: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message (its type name when the message is empty)."""
+    text = str(e).strip()
+    return text.splitlines()[0][:limit] if text else type(e).__name__

@@ -32,10 +32,10 @@ from typing import Any
 
 import torch
 
-from bioaudio.checkpoint import load_weights, read_safetensors, read_torch_file, to_plain
+from bioaudio.data.frontend import FrontendConfig
 from bioaudio.errors import CheckpointError
-from bioaudio.frontend import FrontendConfig
-from bioaudio.heads import HeadConfig
+from bioaudio.models.checkpoint import load_weights, read_safetensors, read_torch_file, to_plain
+from bioaudio.models.heads import HeadConfig
 
 from .model import EATConfig, EATEncoder, EATModel
 

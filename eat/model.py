@@ -25,7 +25,8 @@ import torch.nn as nn
 from timm.layers import DropPath, Mlp
 
 from bioaudio.errors import ConfigError, DataError
-from bioaudio.layers import (
+from bioaudio.models.audio_model import AudioModel
+from bioaudio.models.layers import (
     EncoderOutput,
     PatchEmbed,
     attention,
@@ -35,7 +36,6 @@ from bioaudio.layers import (
     key_padding_bias,
     run_layer,
 )
-from bioaudio.model import AudioModel
 
 PRESETS: dict[str, dict] = {
     "tiny": dict(embed_dim=64, depth=2, num_heads=4, max_length=64),

@@ -58,7 +58,7 @@ def whole_file_row(
 ) -> dict:
     """A manifest row for a whole audio file, from its header (tests build manifests this way,
     independently of `bioaudio prepare`)."""
-    from bioaudio import audio
+    from bioaudio.data import audio
 
     meta = audio.info(path)
     return {

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from bioaudio import audio
+from bioaudio.data import audio
 from bioaudio.errors import AudioDecodeError
 
 

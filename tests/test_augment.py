@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from bioaudio import audio
-from bioaudio.augment import (
+from bioaudio.config import add_dataclass_args, config_from_args
+from bioaudio.data import audio
+from bioaudio.data.augment import (
     MixupConfig,
     SpecAugment,
     SpecAugmentConfig,
@@ -22,7 +23,6 @@ from bioaudio.augment import (
     spec_augment,
     time_stretch,
 )
-from bioaudio.config import add_dataclass_args, config_from_args
 from bioaudio.errors import ConfigError, DataError
 
 SR = 16000

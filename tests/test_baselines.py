@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bioaudio.baselines import (
+from bioaudio.errors import ConfigError
+from bioaudio.models.baselines import (
     BASELINES,
     KerasGenreCNN,
     baseline_from_config,
@@ -19,7 +20,6 @@ from bioaudio.baselines import (
     keras_same_padding,
     masked_adaptive_avg_pool,
 )
-from bioaudio.errors import ConfigError
 
 NAMES = list(BASELINES)
 FEATURE_SIZES = [40, 64, 128, 513]  # mfcc 40, logmel 64, fbank 128, stft n_fft=1024
@@ -249,7 +249,7 @@ def test_bad_names_and_options_are_config_errors():
 
 def test_masked_batch_norm_statistics_skip_padding():
     """Training statistics over a padded batch = plain BatchNorm over the valid frames only."""
-    from bioaudio.baselines import MaskedBatchNorm2d
+    from bioaudio.models.baselines import MaskedBatchNorm2d
 
     g = torch.Generator().manual_seed(0)
     lengths = torch.tensor([12, 5, 8])

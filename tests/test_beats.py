@@ -11,9 +11,9 @@ from beats.convert import config_from_official, convert_state_dict
 from beats.model import BEATsConfig
 from bioaudio import load_model
 from bioaudio.errors import ConfigError, DataError
-from bioaudio.heads import HeadConfig
-from bioaudio.layers import attention_impl
-from bioaudio.model import build_model
+from bioaudio.models.audio_model import build_model
+from bioaudio.models.heads import HeadConfig
+from bioaudio.models.layers import attention_impl
 
 
 def _io(official_fixtures, name):

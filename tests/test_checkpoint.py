@@ -17,13 +17,13 @@ import numpy as np
 import pytest
 import torch
 
-from bioaudio import checkpoint as ckpt
 from bioaudio import load_model
-from bioaudio.checkpoint import read_torch_file, save_export, to_plain
 from bioaudio.cli import main
 from bioaudio.errors import CheckpointError
-from bioaudio.heads import HeadConfig
-from bioaudio.model import build_model
+from bioaudio.models import checkpoint as ckpt
+from bioaudio.models.audio_model import build_model
+from bioaudio.models.checkpoint import read_torch_file, save_export, to_plain
+from bioaudio.models.heads import HeadConfig
 
 FIXTURES = [
     "beats_tiny.pt",

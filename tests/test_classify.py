@@ -16,25 +16,25 @@ import torch.nn.functional as F
 from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file
 
-from bioaudio.audio import load
-from bioaudio.augment import SpecAugmentConfig
-from bioaudio.checkpoint import save_export
-from bioaudio.classify import (
-    BaselineClassifier,
-    ClassificationTask,
+from bioaudio.data.audio import load
+from bioaudio.data.augment import SpecAugmentConfig
+from bioaudio.data.datasets import IGNORE_INDEX, AudioDataset, collate_batch
+from bioaudio.data.features import FeatureDataset, FeaturesConfig, build_cache, frames_for_seconds
+from bioaudio.data.frontend import FrontendConfig
+from bioaudio.data.manifest import PrepareConfig, prepare_manifest, read_manifest, write_manifest
+from bioaudio.errors import CheckpointError, ConfigError
+from bioaudio.inference.metrics import score_logits
+from bioaudio.inference.predict import (
     aggregate_windows,
     forward_batch,
     load_classifier,
     predict,
     predict_clips,
-    score_logits,
 )
-from bioaudio.datasets import IGNORE_INDEX, AudioDataset, collate_batch
-from bioaudio.errors import CheckpointError, ConfigError
-from bioaudio.features import FeatureDataset, FeaturesConfig, build_cache, frames_for_seconds
-from bioaudio.frontend import FrontendConfig
-from bioaudio.manifest import PrepareConfig, prepare_manifest, read_manifest, write_manifest
-from bioaudio.trainer import TrainConfig, Trainer
+from bioaudio.models.baselines import BaselineClassifier
+from bioaudio.models.checkpoint import save_export
+from bioaudio.training.classification import ClassificationTask
+from bioaudio.training.loop import TrainConfig, Trainer
 
 CLASSES = {"high": 3500.0, "low": 300.0, "mid": 1200.0}  # sorted names = class order
 SR = 16000

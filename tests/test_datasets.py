@@ -12,8 +12,8 @@ import torch
 from conftest import whole_file_row
 from torch.utils.data import DataLoader
 
-from bioaudio import audio
-from bioaudio.datasets import (
+from bioaudio.data import audio
+from bioaudio.data.datasets import (
     IGNORE_INDEX,
     AudioDataset,
     StreamingAudioDataset,
@@ -22,8 +22,8 @@ from bioaudio.datasets import (
     resolve_classes,
     segment_windows,
 )
+from bioaudio.data.manifest import write_manifest
 from bioaudio.errors import AudioDecodeError, DataError
-from bioaudio.manifest import write_manifest
 
 SR = 16000
 
@@ -355,7 +355,7 @@ def test_streaming_is_seeded_and_epoch_changes_order(stream_manifest):
 
 
 def test_streaming_items_equal_map_style_items(stream_manifest):
-    from bioaudio.manifest import read_manifest
+    from bioaudio.data.manifest import read_manifest
 
     kw = dict(sample_rate=SR, clip_seconds=1.0, train=True, seed=2)
     stream = StreamingAudioDataset(stream_manifest, **kw)

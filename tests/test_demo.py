@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from bioaudio.checkpoint import load_model
 from bioaudio.cli import main
+from bioaudio.models.checkpoint import load_model
 
 
 def test_demo_end_to_end_and_rerun(tmp_path, capsys):

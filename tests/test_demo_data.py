@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bioaudio import audio
 from bioaudio.cli import main
-from bioaudio.demo_data import (
+from bioaudio.data import audio
+from bioaudio.data.demo import (
     LAYOUTS,
     MARKER,
     PAIR_TARGET,
@@ -21,9 +21,9 @@ from bioaudio.demo_data import (
     make_scene,
     synth_call,
 )
+from bioaudio.data.labels import read_audacity_labels, read_raven_table, split_labels
+from bioaudio.data.manifest import PrepareConfig, build_manifest, class_names_of
 from bioaudio.errors import ConfigError
-from bioaudio.labels import read_audacity_labels, read_raven_table, split_labels
-from bioaudio.manifest import PrepareConfig, build_manifest, class_names_of
 
 TINY = dict(seed=3, n_per_class=2, n_unlabelled=3, soundscapes=1)
 QUIET = PrepareConfig(progress=False)

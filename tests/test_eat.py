@@ -10,9 +10,9 @@ from safetensors.torch import save_file
 
 from bioaudio import load_model
 from bioaudio.errors import CheckpointError, DataError
-from bioaudio.heads import HeadConfig
-from bioaudio.layers import attention_impl
-from bioaudio.model import build_model
+from bioaudio.models.audio_model import build_model
+from bioaudio.models.heads import HeadConfig
+from bioaudio.models.layers import attention_impl
 from eat.convert import FAIRSEQ_KEY_MAP, HF_KEY_MAP, _map_keys
 from eat.model import EATConfig, sincos_positions
 

@@ -14,12 +14,11 @@ import torch
 from conftest import whole_file_row
 from torch.utils.data import DataLoader
 
-from bioaudio import audio
-from bioaudio import features as F
 from bioaudio.cli import main
-from bioaudio.datasets import AudioDataset, collate_batch, segment_windows
-from bioaudio.errors import ConfigError, DataError
-from bioaudio.features import (
+from bioaudio.data import audio
+from bioaudio.data import features as F
+from bioaudio.data.datasets import AudioDataset, collate_batch, segment_windows
+from bioaudio.data.features import (
     FeatureDataset,
     FeaturesConfig,
     build_cache,
@@ -27,8 +26,9 @@ from bioaudio.features import (
     frames_for_seconds,
     open_cache,
 )
-from bioaudio.frontend import FrontendConfig, build_frontend
-from bioaudio.manifest import write_manifest
+from bioaudio.data.frontend import FrontendConfig, build_frontend
+from bioaudio.data.manifest import write_manifest
+from bioaudio.errors import ConfigError, DataError
 
 SR = 16000
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bioaudio.frontend import FrontendConfig, build_frontend
+from bioaudio.data.frontend import FrontendConfig, build_frontend
 
 
 def _io(official_fixtures, name):

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from bioaudio.errors import ConfigError
-from bioaudio.heads import HeadConfig, LinSoftmaxHead, build_head, pool_tokens
-from bioaudio.layers import EncoderOutput
-from bioaudio.model import build_model
+from bioaudio.models.audio_model import build_model
+from bioaudio.models.heads import HeadConfig, LinSoftmaxHead, build_head, pool_tokens
+from bioaudio.models.layers import EncoderOutput
 
 LENGTHS = [40000, 17000, 26100]  # 2.5 s, 1.06 s, 1.63 s: different token counts
 

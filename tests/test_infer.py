@@ -25,9 +25,9 @@ from test_classify import (
     write_tone_dataset,
 )
 
-from bioaudio.checkpoint import save_export
-from bioaudio.classify import BaselineClassifier
 from bioaudio.cli import main
+from bioaudio.models.baselines import BaselineClassifier
+from bioaudio.models.checkpoint import save_export
 
 NAMES = sorted(CLASSES)
 

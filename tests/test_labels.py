@@ -7,8 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bioaudio.errors import DataError
-from bioaudio.labels import (
+from bioaudio.data.labels import (
     Annotation,
     folder_labels,
     join_labels,
@@ -23,6 +22,7 @@ from bioaudio.labels import (
     window_bounds,
     window_labels,
 )
+from bioaudio.errors import DataError
 
 # ------------------------------------------------------------------------------- labels.csv
 

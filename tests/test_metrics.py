@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from bioaudio import metrics, plots
+from bioaudio.inference import metrics, plots
 
 
 def test_single_label_hand_example():

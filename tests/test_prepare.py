@@ -9,11 +9,10 @@ import pandas as pd
 import pytest
 import soundfile as sf
 
-from bioaudio import audio
 from bioaudio.cli import main
-from bioaudio.errors import DataError
-from bioaudio.labels import window_labels
-from bioaudio.manifest import (
+from bioaudio.data import audio
+from bioaudio.data.labels import window_labels
+from bioaudio.data.manifest import (
     COLUMNS,
     PrepareConfig,
     build_manifest,
@@ -23,6 +22,7 @@ from bioaudio.manifest import (
     prepare_manifest,
     read_manifest,
 )
+from bioaudio.errors import DataError
 
 QUIET = PrepareConfig(progress=False)
 
@@ -290,7 +290,7 @@ def test_selection_options_change_windows(tmp_path: Path, capsys) -> None:
     code, _, err = cli(capsys, str(tmp_path), "--window", "2", "--hop", "1", "--min_overlap", "1")
     assert code == 0, err
     df = read_manifest(tmp_path / "manifest.csv")
-    from bioaudio.labels import read_raven_table
+    from bioaudio.data.labels import read_raven_table
 
     want = window_labels(read_raven_table(tmp_path / "rec.Table.1.selections.txt"), 12.0, 2, 1, 1)
     assert list(zip(df["start"], df["end"], df["labels"])) == [

@@ -11,12 +11,13 @@ import pytest
 import soundfile as sf
 import torch
 
-from bioaudio import audio, plots
 from bioaudio.cli import main
 from bioaudio.commands.preview import NO_LABEL, UNLABELLED, PreviewConfig, make_preview
-from bioaudio.datasets import AudioDataset
-from bioaudio.frontend import build_frontend
-from bioaudio.manifest import read_manifest, split_labels, write_manifest
+from bioaudio.data import audio
+from bioaudio.data.datasets import AudioDataset
+from bioaudio.data.frontend import build_frontend
+from bioaudio.data.manifest import read_manifest, split_labels, write_manifest
+from bioaudio.inference import plots
 
 SR = 16000
 FREQ = {"owl": 400.0, "wren": 6000.0, "frog": 1500.0, "": 3000.0}

@@ -10,10 +10,9 @@ import pytest
 from conftest import whole_file_row
 
 from bioaudio.cli import main
-from bioaudio.datasets import segment_windows
-from bioaudio.errors import ConfigError, DataError
-from bioaudio.manifest import read_manifest, split_labels, write_manifest
-from bioaudio.splits import (
+from bioaudio.data.datasets import segment_windows
+from bioaudio.data.manifest import read_manifest, split_labels, write_manifest
+from bioaudio.data.splits import (
     SplitConfig,
     assign_folds,
     assign_splits,
@@ -22,6 +21,7 @@ from bioaudio.splits import (
     split_table,
     strata_of,
 )
+from bioaudio.errors import ConfigError, DataError
 
 
 def synthetic(n_per_class: dict[str, int], seed: int = 0) -> pd.DataFrame:

@@ -12,12 +12,11 @@ import soundfile as sf
 import torch
 from conftest import whole_file_row
 
-from bioaudio import audio
 from bioaudio.cli import main
-from bioaudio.errors import ConfigError
-from bioaudio.frontend import FrontendConfig, build_frontend
-from bioaudio.manifest import write_manifest
-from bioaudio.stats import (
+from bioaudio.data import audio
+from bioaudio.data.frontend import FrontendConfig, build_frontend
+from bioaudio.data.manifest import write_manifest
+from bioaudio.data.stats import (
     StatsConfig,
     apply_stats,
     compute_stats,
@@ -26,6 +25,7 @@ from bioaudio.stats import (
     resolve_stats,
     save_stats,
 )
+from bioaudio.errors import ConfigError
 
 
 @pytest.fixture

@@ -29,8 +29,8 @@ from test_classify import (
 )
 
 from bioaudio.cli import main
-from bioaudio.demo_data import generate_demo_data
-from bioaudio.manifest import PrepareConfig, prepare_manifest, read_manifest, write_manifest
+from bioaudio.data.demo import generate_demo_data
+from bioaudio.data.manifest import PrepareConfig, prepare_manifest, read_manifest, write_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = ["--num_workers", "0", "--no-progress", "--batch_size", "6", "--clip_seconds", "1"]

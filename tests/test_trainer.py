@@ -23,14 +23,10 @@ from train_toy import ToyNet, ToyOptions, build, main
 
 from bioaudio.config import ArgumentParser, add_dataclass_args, config_from_args
 from bioaudio.errors import ConfigError
-from bioaudio.schedules import cosine_ramp, linear_ramp, warmup_cosine
-from bioaudio.trainer import (
-    DivergenceError,
-    TrainConfig,
-    ema_update_,
-    find_resume_state,
-    list_states,
-)
+from bioaudio.training.loop import DivergenceError, TrainConfig
+from bioaudio.training.optim import ema_update_
+from bioaudio.training.rundir import find_resume_state, list_states
+from bioaudio.training.schedules import cosine_ramp, linear_ramp, warmup_cosine
 
 TOY = Path(__file__).with_name("train_toy.py")
 TIMING = ["samples_per_s", "elapsed_s"]

@@ -20,6 +20,7 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,8 +31,11 @@ from torch.utils.data import Dataset, IterableDataset
 
 from bioaudio.config import ArgumentParser, add_dataclass_args, config_from_args
 from bioaudio.errors import BioaudioError
-from bioaudio.schedules import linear_ramp
-from bioaudio.trainer import TrainConfig, Trainer, ema_update_, gather_outputs
+from bioaudio.inference.predict import gather_outputs
+from bioaudio.training.loop import TrainConfig, Trainer
+from bioaudio.training.optim import ema_update_
+from bioaudio.training.schedules import linear_ramp
+from bioaudio.training.task import Task, TaskContext
 
 DIM, CLASSES = 8, 3
 
@@ -113,11 +117,11 @@ def parse_steps(spec: str) -> tuple[set[int], int | None]:
     return {int(s) for s in spec.split(",") if s.strip()}, None
 
 
-class ToyTask:
+class ToyTask(Task):
     """Cross-entropy + EMA-teacher MSE + memory-bank term; accuracy on gathered predictions."""
 
-    def __init__(self, opts: ToyOptions, hidden: int):
-        self.opts = opts
+    def __init__(self, opts: ToyOptions, hidden: int, out_dir: Path):
+        self.opts, self.out_dir = opts, Path(out_dir)
         self.queue = torch.zeros(0, hidden)
         self.nan_set, self.nan_from = parse_steps(opts.nan_steps)
         self._pending: list[Tensor] = []
@@ -127,12 +131,9 @@ class ToyTask:
         self.snapshots: dict[int, dict[str, Tensor]] = {}
         self.before: dict[int, dict[str, Tensor]] = {}
 
-    def setup(self, trainer: Trainer) -> None:
-        self.trainer = trainer
-        self.queue = self.queue.to(trainer.device)
-
-    def training_step(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict]:
-        step = self.trainer.step + 1  # the update being computed
+    def training_step(self, model: nn.Module, batch: dict[str, Tensor], ctx: TaskContext) -> Any:
+        self.queue = self.queue.to(ctx.device)
+        step = ctx.step + 1  # the update being computed
         if self._pending_step != step:  # a skipped (NaN) step leaves nothing to enqueue
             self._pending, self._seen, self._pending_step = [], [], step
             self.before[step] = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -141,32 +142,33 @@ class ToyTask:
             x = x + self.opts.step_noise * torch.randn_like(x)
         logits, h, t = model(x)
         ce = F.cross_entropy(logits.float(), batch["y"])
-        loss, logs = ce, {"ce": ce.item()}
+        loss, logs = ce, {"ce": ce.detach()}
         if t is not None:
             mse = F.mse_loss(h.float(), t.float())
             loss = loss + 0.1 * mse
-            logs["ema_mse"] = mse.item()
+            logs["ema_mse"] = mse.detach()
         z = F.normalize(h.float(), dim=-1)
         if self.opts.queue and len(self.queue):
             bank = (z @ self.queue.T).logsumexp(-1).mean()
             loss = loss + 0.05 * bank
-            logs["bank"] = bank.item()
+            ctx.log("bank", bank)
         self._pending.append(z.detach())
         self._seen.extend(batch["index"].tolist())
         if step in self.nan_set or (self.nan_from is not None and step >= self.nan_from):
             loss = loss * float("nan")
         return loss, logs
 
-    def on_step_end(self, step: int, model: ToyNet) -> None:
+    def on_step_end(self, model: ToyNet, ctx: TaskContext) -> None:
+        step = ctx.step
         if model.teacher is not None:
             ema_update_(
                 model.teacher, model.student, linear_ramp(step, start=0.9, end=0.99, ramp_steps=20)
             )
         if self.opts.queue:
-            keys = self.trainer.accelerator.gather(torch.cat(self._pending))
+            keys = ctx.gather(torch.cat(self._pending))
             self.queue = torch.cat([keys, self.queue])[: self.opts.queue]
         if self.opts.record_seen:
-            path = self.trainer.out_dir / f"seen_rank{self.trainer.rank}.jsonl"
+            path = self.out_dir / f"seen_rank{ctx.rank}.jsonl"
             with path.open("a") as f:
                 f.write(json.dumps({"step": step, "indices": self._seen}) + "\n")
         self.snapshots[step] = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -175,10 +177,8 @@ class ToyTask:
         if self.opts.interrupt_at and step == self.opts.interrupt_at:
             os.kill(os.getpid(), signal.Signals[self.opts.interrupt_signal])
 
-    def evaluate(self, model: nn.Module, loader: Any, accelerator: Any) -> dict[str, float]:
-        logits, y = gather_outputs(
-            loader, accelerator, lambda b: (model(b["x"])[0].float(), b["y"])
-        )
+    def evaluate(self, model: nn.Module, loader: Any, ctx: TaskContext) -> dict[str, float]:
+        logits, y = gather_outputs(loader, ctx, lambda b: (model(b["x"])[0].float(), b["y"]))
         return {
             "accuracy": float((logits.argmax(-1) == y).float().mean()),
             "loss": float(F.cross_entropy(logits, y)),
@@ -189,7 +189,7 @@ class ToyTask:
         return {"queue": self.queue}
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        self.queue = state["queue"].to(self.trainer.device)
+        self.queue = state["queue"]
 
 
 def build(cfg: TrainConfig, opts: ToyOptions) -> tuple[Trainer, ToyTask, ToyData]:
@@ -200,7 +200,7 @@ def build(cfg: TrainConfig, opts: ToyOptions) -> tuple[Trainer, ToyTask, ToyData
     data = ToyData(opts.n_items, item_noise=opts.item_noise)
     train = ToyStream(data) if opts.stream else data
     eval_data = ToyData(opts.n_eval, offset=1) if opts.n_eval else None
-    task = ToyTask(opts, opts.hidden)
+    task = ToyTask(opts, opts.hidden, cfg.out_dir)
     trainer = Trainer(
         cfg, model, task, train, eval_data, identity={"hidden": opts.hidden}, run_config={}
     )

@@ -17,7 +17,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from bioaudio.checkpoint import (
+from bioaudio.config import add_dataclass_args, config_from_args
+from bioaudio.errors import CheckpointError, ConfigError
+from bioaudio.models.checkpoint import (
     WEIGHTS_FILE,
     detect_format,
     install_dir,
@@ -27,8 +29,6 @@ from bioaudio.checkpoint import (
     temp_dir_beside,
     write_export,
 )
-from bioaudio.config import add_dataclass_args, config_from_args
-from bioaudio.errors import CheckpointError, ConfigError
 
 SOURCE_NAMES = {
     "beats_official": "official BEATs checkpoint",

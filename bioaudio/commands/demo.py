@@ -22,7 +22,7 @@ import shlex
 import time
 from pathlib import Path
 
-from ..errors import ConfigError
+from bioaudio.errors import ConfigError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _step(title: str, argv: list[str]) -> None:
-    from ..cli import main
+    from bioaudio.cli import main
 
     print(f"\n=== {title}\n$ bioaudio {shlex.join(argv)}", flush=True)
     code = main(argv)
@@ -46,8 +46,8 @@ def _export_tiny_eat(out: Path) -> Path:
     """A randomly initialised tiny EAT encoder (no head), as an export folder."""
     import torch
 
-    from ..checkpoint import save_export
-    from ..model import build_model
+    from bioaudio.models.audio_model import build_model
+    from bioaudio.models.checkpoint import save_export
 
     torch.manual_seed(0)
     model = build_model("eat", encoder="tiny")

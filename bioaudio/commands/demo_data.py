@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from ..config import add_dataclass_args, config_from_args
-from ..demo_data import DemoDataConfig, generate_demo_data
+from bioaudio.config import add_dataclass_args, config_from_args
+from bioaudio.data.demo import DemoDataConfig, generate_demo_data
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

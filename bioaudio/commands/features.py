@@ -27,8 +27,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..config import add_dataclass_args, config_from_args
-from ..features import SKIPPED_FILE, FeaturesConfig, build_cache, open_cache
+from bioaudio.config import add_dataclass_args, config_from_args
+from bioaudio.data.features import SKIPPED_FILE, FeaturesConfig, build_cache, open_cache
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -29,11 +29,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .. import audio
-from ..classify import ClipPredictions, load_classifier, predict_clips
-from ..config import add_dataclass_args, config_from_args, save_json_atomic
-from ..errors import AudioDecodeError, ConfigError, DataError
-from ..manifest import find_audio_files
+from bioaudio.config import add_dataclass_args, config_from_args
+from bioaudio.data import audio
+from bioaudio.data.manifest import find_audio_files
+from bioaudio.errors import AudioDecodeError, ConfigError, DataError
+from bioaudio.fileio import save_json_atomic
+from bioaudio.inference.predict import ClipPredictions, load_classifier, predict_clips
 
 DEFAULT_WINDOW = 5.0
 
@@ -130,7 +131,7 @@ def plot_file_prediction(
     per-window class probabilities when there is more than one window."""
     import matplotlib.pyplot as plt
 
-    from .. import plots  # noqa: F401  (selects the headless backend)
+    from bioaudio.inference import plots  # noqa: F401 (selects the Agg backend)
 
     fcfg = model.frontend_cfg
     wav = audio.load(path, sample_rate=fcfg.sample_rate, duration=plot_seconds)
@@ -263,7 +264,7 @@ def infer_folder(
     model: torch.nn.Module, folder: Path, out: Path, cfg: InferConfig, window: float, device
 ) -> pd.DataFrame:
     """Classify every audio file under `folder`: predictions.csv, bar chart, skipped.csv."""
-    from ..plots import plot_bar
+    from bioaudio.inference.plots import plot_bar
 
     paths = find_audio_files(folder)
     if not paths:

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..config import add_dataclass_args, config_from_args
-from ..manifest import PrepareConfig, prepare_manifest
+from bioaudio.config import add_dataclass_args, config_from_args
+from bioaudio.data.manifest import PrepareConfig, prepare_manifest
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -23,11 +23,16 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..config import add_dataclass_args, config_from_args
-from ..datasets import AudioDataset
-from ..errors import AudioDecodeError, ConfigError, DataError
-from ..frontend import FrontendConfig, FrontendKind, build_frontend, frontend_from_options
-from ..manifest import class_names_of, read_manifest, split_labels
+from bioaudio.config import add_dataclass_args, config_from_args
+from bioaudio.data.datasets import AudioDataset
+from bioaudio.data.frontend import (
+    FrontendConfig,
+    FrontendKind,
+    build_frontend,
+    frontend_from_options,
+)
+from bioaudio.data.manifest import class_names_of, read_manifest, split_labels
+from bioaudio.errors import AudioDecodeError, ConfigError, DataError
 
 UNLABELLED = "(unlabelled)"
 NO_LABEL = "(no label)"
@@ -119,7 +124,7 @@ def make_preview(df: pd.DataFrame, cfg: PreviewConfig, progress: bool = True) ->
     """Pick up to `cfg.n` readable clips per class (seeded), featurise them, draw the grid."""
     from tqdm.auto import tqdm
 
-    from ..plots import plot_spectrogram_grid
+    from bioaudio.inference.plots import plot_spectrogram_grid
 
     cfg.validate()
     fcfg = cfg.frontend_config()

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..config import add_dataclass_args, config_from_args
-from ..manifest import read_manifest, write_manifest
-from ..splits import SplitConfig, split_manifest, split_table
+from bioaudio.config import add_dataclass_args, config_from_args
+from bioaudio.data.manifest import read_manifest, write_manifest
+from bioaudio.data.splits import SplitConfig, split_manifest, split_table
 
 MAX_TABLE_ROWS = 40
 

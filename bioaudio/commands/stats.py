@@ -13,10 +13,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..config import add_dataclass_args, config_from_args
-from ..frontend import OFFICIAL_STATS
-from ..manifest import read_manifest
-from ..stats import StatsConfig, compute_stats, default_stats_path, save_stats
+from bioaudio.config import add_dataclass_args, config_from_args
+from bioaudio.data.frontend import OFFICIAL_STATS
+from bioaudio.data.manifest import read_manifest
+from bioaudio.data.stats import StatsConfig, compute_stats, default_stats_path, save_stats
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

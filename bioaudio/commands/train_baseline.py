@@ -52,26 +52,23 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..augment import SpecAugmentConfig, WaveAugmentConfig, build_wave_augment
-from ..classify import (
-    BaselineClassifier,
-    ClassificationTask,
-    classification_report,
-    forward_batch,
-    load_classifier,
-    predict_clips,
-    probabilities,
-)
-from ..config import add_dataclass_args, config_from_args, save_json_atomic, to_dict
-from ..datasets import AudioDataset, collate_batch, resolve_classes, segment_windows
-from ..errors import ConfigError, DataError
-from ..features import FeatureDataset, find_cache, frames_for_seconds, open_cache
-from ..frontend import FrontendConfig, FrontendKind, frontend_from_options
-from ..manifest import read_manifest, split_labels
-from ..metrics import row_normalised
-from ..splits import SplitConfig, assign_splits, split_manifest, strata_of
-from ..stats import resolve_stats
-from ..trainer import TrainConfig, Trainer, default_param_groups, make_adamw, model_identity
+from bioaudio.config import add_dataclass_args, config_from_args, to_dict
+from bioaudio.data.augment import SpecAugmentConfig, WaveAugmentConfig, build_wave_augment
+from bioaudio.data.datasets import AudioDataset, collate_batch, resolve_classes, segment_windows
+from bioaudio.data.features import FeatureDataset, find_cache, frames_for_seconds, open_cache
+from bioaudio.data.frontend import FrontendConfig, FrontendKind, frontend_from_options
+from bioaudio.data.manifest import read_manifest, split_labels
+from bioaudio.data.splits import SplitConfig, assign_splits, split_manifest, strata_of
+from bioaudio.data.stats import resolve_stats
+from bioaudio.errors import ConfigError, DataError
+from bioaudio.fileio import save_json_atomic
+from bioaudio.inference.metrics import classification_report, row_normalised
+from bioaudio.inference.predict import forward_batch, load_classifier, predict_clips, probabilities
+from bioaudio.models.baselines import BaselineClassifier
+from bioaudio.training.classification import ClassificationTask
+from bioaudio.training.loop import TrainConfig, Trainer
+from bioaudio.training.optim import default_param_groups, make_adamw
+from bioaudio.training.rundir import model_identity
 
 RUN_SUMMARY = "run_summary.csv"
 TEST_METRICS = "test_metrics.json"
@@ -714,7 +711,7 @@ def write_run_artifacts(
     job: Job, plan: RunPlan, run_dir: Path, summary: dict[str, Any], accelerator: Any
 ) -> dict[str, Any]:
     """Test metrics of the best model (clip level), predictions, confusion matrices, curves."""
-    from ..plots import plot_confusion, plot_history
+    from bioaudio.inference.plots import plot_confusion, plot_history
 
     cfg = job.cfg
     chosen = "best" if (run_dir / "best" / "config.json").is_file() else "export"

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from . import audio
-from .errors import AudioDecodeError, ConfigError, DataError
+from bioaudio.data import audio
+from bioaudio.errors import AudioDecodeError, ConfigError, DataError
 
 # Time stretch / pitch shift go through an STFT; shorter clips are left as they are.
 MIN_STFT_SAMPLES = 2048

@@ -12,8 +12,8 @@ import importlib
 from dataclasses import dataclass
 from typing import Any
 
-from .config import from_dict
-from .errors import ConfigError
+from bioaudio.config import from_dict
+from bioaudio.errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -30,10 +30,9 @@ from typing import Literal
 import pandas as pd
 import soundfile as sf
 
-from .audio import AUDIO_EXTENSIONS, AudioInfo, is_audio_path
-from .audio import info as audio_info
-from .errors import AudioDecodeError, ConfigError, DataError
-from .labels import (
+from bioaudio.data.audio import AUDIO_EXTENSIONS, AudioInfo, is_audio_path
+from bioaudio.data.audio import info as audio_info
+from bioaudio.data.labels import (
     Annotation,
     folder_labels,
     join_labels,
@@ -45,6 +44,7 @@ from .labels import (
     split_labels,
     window_labels,
 )
+from bioaudio.errors import AudioDecodeError, ConfigError, DataError
 
 __all__ = [
     "COLUMNS",

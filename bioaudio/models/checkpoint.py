@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from .errors import CheckpointError, ConfigError
+from bioaudio.errors import CheckpointError, ConfigError
 
 EXPORT_FORMAT = "bioaudio.export"
 EXPORT_VERSION = 1
@@ -426,12 +426,12 @@ def is_export_dir(path: Path) -> bool:
 
 def load_export(path: str | Path) -> Any:
     """Load one of our export folders -> AudioModel (eval mode)."""
-    from .model import AudioModel
+    from bioaudio.models.audio_model import AudioModel
 
     p = Path(path)
     cfg = read_export_config(p)
     if cfg.get("model_type") == "baseline":  # a CNN baseline (frontend + CNN), bioaudio.classify
-        from .classify import BaselineClassifier as cls
+        from bioaudio.models.baselines import BaselineClassifier as cls
     else:
         cls = AudioModel
     try:
@@ -611,3 +611,15 @@ def load_model(
     if device is not None:
         model.to(device)
     return model.eval()
+
+
+def export_classifier(
+    model: torch.nn.Module, out_dir: str | Path, provenance: dict[str, Any] | None = None
+) -> Path:
+    """Write an export; into `out_dir` directly when it is a new empty folder (the Trainer hands
+    over one it moves into place itself), else atomically through `save_export`."""
+    out = Path(out_dir)
+    if out.is_dir() and not any(out.iterdir()):
+        write_export(model, out, provenance)
+        return out
+    return save_export(model, out, provenance)

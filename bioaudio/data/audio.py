@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from .errors import AudioDecodeError
+from bioaudio.errors import AudioDecodeError
 
 DEFAULT_SAMPLE_RATE = 16000
 AUDIO_EXTENSIONS = frozenset(

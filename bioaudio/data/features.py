@@ -48,8 +48,8 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
-from .config import save_json_atomic, to_dict
-from .datasets import (
+from bioaudio.config import to_dict
+from bioaudio.data.datasets import (
     IGNORE_INDEX,
     AudioDataset,
     EvalCrop,
@@ -59,10 +59,16 @@ from .datasets import (
     resolve_classes,
     segment_windows,
 )
-from .errors import AudioDecodeError, ConfigError, DataError
-from .frontend import FrontendConfig, FrontendKind, build_frontend, frontend_from_options
-from .manifest import read_manifest
-from .stats import apply_stats, resolve_stats
+from bioaudio.data.frontend import (
+    FrontendConfig,
+    FrontendKind,
+    build_frontend,
+    frontend_from_options,
+)
+from bioaudio.data.manifest import read_manifest
+from bioaudio.data.stats import apply_stats, resolve_stats
+from bioaudio.errors import AudioDecodeError, ConfigError, DataError
+from bioaudio.fileio import save_json_atomic
 
 __all__ = [
     "CACHE_FILE",
@@ -465,7 +471,7 @@ def _corrupt(root: Path, problem: str) -> DataError:
 
 def open_cache(cache_dir: str | Path) -> FeatureCache:
     """Open a cache directory and check that it is complete (DataError when it is not)."""
-    from .config import from_dict
+    from bioaudio.config import from_dict
 
     root = Path(cache_dir)
     if not root.is_dir():

@@ -38,9 +38,9 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
-from .audio import DEFAULT_SAMPLE_RATE, load, pad_or_crop
-from .errors import AudioDecodeError, ConfigError, DataError
-from .manifest import class_names_of, read_manifest, split_labels
+from bioaudio.data.audio import DEFAULT_SAMPLE_RATE, load, pad_or_crop
+from bioaudio.data.manifest import class_names_of, read_manifest, split_labels
+from bioaudio.errors import AudioDecodeError, ConfigError, DataError
 
 IGNORE_INDEX = -100  # torch.nn.CrossEntropyLoss default: unlabelled single-label rows
 WaveAugment = Callable[[np.ndarray, np.random.Generator], np.ndarray]

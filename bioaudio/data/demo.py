@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import soundfile as sf
 
-from .errors import ConfigError
+from bioaudio.errors import ConfigError
 
 FORMAT_TAG = "bioaudio-demo-data"
 FORMAT_VERSION = 1

@@ -29,8 +29,8 @@ from typing import Literal
 import torch
 import torch.nn as nn
 
-from .errors import ConfigError
-from .layers import EncoderOutput
+from bioaudio.errors import ConfigError
+from bioaudio.models.layers import EncoderOutput
 
 Pooling = Literal["cls", "mean", "max", "lin_softmax", "attention"]
 EMBED_POOLINGS = ("mean", "cls", "max")

@@ -7,8 +7,17 @@ so a 2-process evaluation gives exactly the 1-process numbers.
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import numpy as np
+import torch
+import torch.nn.functional as F
 from sklearn import metrics as skm
+from torch import Tensor
+
+from bioaudio.data.datasets import IGNORE_INDEX
+from bioaudio.errors import DataError
 
 
 def _as_index(y_true: np.ndarray) -> np.ndarray:
@@ -93,3 +102,77 @@ def row_normalised(cm: np.ndarray) -> np.ndarray:
     cm = np.asarray(cm, dtype=np.float64)
     totals = cm.sum(axis=1, keepdims=True)
     return np.divide(cm, totals, out=np.zeros_like(cm), where=totals > 0)
+
+
+def probabilities(logits: Tensor, multi_label: bool) -> Tensor:
+    """Sigmoid per class (multi-label) or softmax over classes (single-label), in float32."""
+    logits = logits.float()
+    return torch.sigmoid(logits) if multi_label else logits.softmax(dim=-1)
+
+
+def aggregate_windows(scores: np.ndarray, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean of the rows of `scores` (N, C) per group id -> (sorted unique groups, (G, C))."""
+    groups = np.asarray(groups)
+    uniq, inverse = np.unique(groups, return_inverse=True)
+    sums = np.zeros((len(uniq), scores.shape[1]), dtype=np.float64)
+    np.add.at(sums, inverse, scores)
+    counts = np.bincount(inverse, minlength=len(uniq))[:, None]
+    return uniq, (sums / counts).astype(np.float32)
+
+
+def first_per_group(values: np.ndarray, groups: np.ndarray, uniq: np.ndarray) -> np.ndarray:
+    first = {}
+    for i, g in enumerate(groups.tolist()):
+        first.setdefault(g, i)
+    return values[[first[g] for g in uniq.tolist()]]
+
+
+def _labelled(targets: np.ndarray, multi_label: bool) -> np.ndarray:
+    if multi_label:
+        return np.ones(len(targets), dtype=bool)
+    return np.asarray(targets) != IGNORE_INDEX
+
+
+def classification_report(
+    scores: np.ndarray, targets: np.ndarray, class_names: list[str], multi_label: bool
+) -> dict[str, Any]:
+    """`bioaudio.metrics` on the labelled rows: accuracy, balanced accuracy, macro-F1, per-class
+    report and confusion (single-label) or mAP, AUROC, F1 (multi-label); plus n."""
+    keep = _labelled(targets, multi_label)
+    scores, targets = np.asarray(scores)[keep], np.asarray(targets)[keep]
+    if len(targets) == 0:
+        raise DataError("no labelled clips to score")
+    if multi_label:
+        out = multi_label_metrics(targets, scores, class_names)
+    else:
+        out = single_label_metrics(targets, scores, class_names)
+    out["n"] = int(len(targets))
+    return out
+
+
+def score_logits(
+    logits: Tensor,
+    targets: Tensor,
+    class_names: list[str],
+    multi_label: bool,
+    groups: np.ndarray | None = None,
+) -> dict[str, float]:
+    """Scalar evaluation metrics: the loss over labelled windows, then clip-level metrics on the
+    mean window probabilities per group (no groups: every row is a clip)."""
+    logits, targets = logits.float().cpu(), targets.cpu()
+    if multi_label:
+        loss = F.binary_cross_entropy_with_logits(logits, targets.float()).item()
+    else:
+        valid = targets != IGNORE_INDEX
+        loss = F.cross_entropy(logits[valid], targets[valid]).item() if valid.any() else math.nan
+    probs = probabilities(logits, multi_label).numpy()
+    y = targets.numpy()
+    if groups is not None:
+        groups = np.asarray(groups)
+        uniq, probs = aggregate_windows(probs, groups)
+        y = first_per_group(y, groups, uniq)
+    report = classification_report(probs, y, class_names, multi_label)
+    out = {"loss": loss}
+    out.update({k: float(v) for k, v in report.items() if isinstance(v, (int, float))})
+    out.pop("n", None)
+    return out

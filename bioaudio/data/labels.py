@@ -22,7 +22,7 @@ from typing import Literal, NamedTuple
 
 import numpy as np
 
-from .errors import DataError
+from bioaudio.errors import DataError
 
 # Raven label columns tried in order when none is given (case-insensitive).
 RAVEN_LABEL_CANDIDATES = (

@@ -31,8 +31,11 @@ from typing import Any, ClassVar, Literal
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch import Tensor
 
-from .errors import ConfigError
+from bioaudio.config import from_dict, to_dict
+from bioaudio.data.frontend import FrontendConfig, build_frontend
+from bioaudio.errors import ConfigError
 
 InputKind = Literal["features", "waveform"]
 
@@ -635,3 +638,128 @@ def baseline_from_config(config: dict[str, Any]) -> Baseline:
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     """Number of parameters (only those with requires_grad when `trainable_only`)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+# ----------------------------------------------------------------------------------------------
+# The baseline classifier: frontend + baseline, one exportable model
+
+MODEL_TYPE = "baseline"
+
+
+class BaselineClassifier(nn.Module):
+    """A frontend (waveform -> features) and a `bioaudio.baselines` model, as one exportable
+    classifier. Waveform-input models (the MLP family with input="waveform") skip the frontend."""
+
+    model_type: str = MODEL_TYPE
+
+    def __init__(
+        self,
+        baseline: Baseline,
+        frontend: FrontendConfig,
+        class_names: Sequence[str],
+        multi_label: bool = False,
+    ):
+        super().__init__()
+        names = [str(n) for n in class_names]
+        if len(names) != baseline.n_classes:
+            raise ConfigError(
+                f"{baseline.config.get('name')}: {baseline.n_classes} outputs but"
+                f" {len(names)} class names"
+            )
+        if len(set(names)) != len(names):
+            raise ConfigError("class names are not unique")
+        if baseline.input == "features" and baseline.n_features != frontend.n_features:
+            raise ConfigError(
+                f"{baseline.config.get('name')} was built for {baseline.n_features} feature bins"
+                f" but the {frontend.kind} frontend gives {frontend.n_features}"
+            )
+        self.frontend_cfg = frontend
+        self.frontend = build_frontend(frontend)
+        self.baseline = baseline
+        self.class_names = names
+        self.multi_label = bool(multi_label)
+        self.provenance: dict[str, Any] = {}
+
+    @classmethod
+    def build(
+        cls,
+        name: str,
+        frontend: FrontendConfig,
+        class_names: Sequence[str],
+        multi_label: bool = False,
+        **options: Any,
+    ) -> BaselineClassifier:
+        """A fresh classifier: `name` is a `bioaudio.baselines` name or `timm:<arch>`."""
+        baseline = build_baseline(name, len(class_names), frontend.n_features, **options)
+        return cls(baseline, frontend, class_names, multi_label)
+
+    @property
+    def input(self) -> str:
+        """ "features" (the frontend runs first) or "waveform" (raw samples in)."""
+        return self.baseline.input
+
+    def featurise(
+        self, wav: Tensor, padding_mask: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        """wav (B, S) -> normalised features (B, T, F) and frame mask (B, T) | None."""
+        return self.frontend(wav, padding_mask)
+
+    def forward(
+        self,
+        wav: Tensor | None = None,
+        padding_mask: Tensor | None = None,
+        *,
+        feats: Tensor | None = None,
+        frame_mask: Tensor | None = None,
+    ) -> Tensor:
+        """Logits (B, C) from a waveform batch or from features (a cache, or augmented)."""
+        if self.input == "waveform":
+            if wav is None:
+                raise ConfigError(
+                    f"{self.baseline.config.get('name')} takes the raw waveform; it cannot be fed"
+                    " features (do not use a feature cache with input=waveform)"
+                )
+            return self.baseline(wav, padding_mask)
+        if feats is None:
+            if wav is None:
+                raise ValueError("forward needs wav or feats")
+            feats, frame_mask = self.frontend(wav, padding_mask)
+        return self.baseline(feats, frame_mask)
+
+    def config(self) -> dict[str, Any]:
+        """Everything needed to rebuild the model; `bioaudio.checkpoint` writes it into exports."""
+        return {
+            "model_type": MODEL_TYPE,
+            "baseline": json_ready(self.baseline.config),
+            "frontend": to_dict(self.frontend_cfg),
+            "class_names": list(self.class_names),
+            "multi_label": self.multi_label,
+        }
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> BaselineClassifier:
+        """Rebuild (random weights) from `config()` or from a whole export config.json."""
+        if not isinstance(config, dict):
+            raise ConfigError("a baseline config must be a mapping")
+        if config.get("model_type", MODEL_TYPE) != MODEL_TYPE:
+            raise ConfigError(f"model_type is {config.get('model_type')!r}, not {MODEL_TYPE!r}")
+        missing = [k for k in ("baseline", "frontend", "class_names") if k not in config]
+        if missing:
+            raise ConfigError(f"baseline config lacks {', '.join(missing)}")
+        if not isinstance(config["baseline"], dict) or not isinstance(config["frontend"], dict):
+            raise ConfigError("baseline config: 'baseline' and 'frontend' must be mappings")
+        names = config["class_names"]
+        if not isinstance(names, list) or not names:
+            raise ConfigError("baseline config: class_names must be a non-empty list")
+        frontend = from_dict(FrontendConfig, config["frontend"], where="frontend")
+        baseline = baseline_from_config(config["baseline"])
+        return cls(baseline, frontend, names, bool(config.get("multi_label", False)))
+
+
+def json_ready(value: Any) -> Any:
+    """Tuples to lists, recursively (model configs go through JSON)."""
+    if isinstance(value, dict):
+        return {str(k): json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(v) for v in value]
+    return value

@@ -1,67 +1,46 @@
 """The one training loop (HuggingFace Accelerate) for CNN baselines, finetuning and pretraining.
 
-A *task* owns the model-specific parts; the loop owns everything else:
-
-    class MyTask:
-        def training_step(self, model, batch) -> Tensor | tuple[Tensor, dict[str, float]]: ...
-        # optional:
-        def setup(self, trainer) -> None: ...               # once, before training (keep trainer)
-        def on_step_end(self, step, model) -> None: ...     # after each applied update (EMA, queue)
-        def evaluate(self, model, loader, accelerator) -> dict[str, float]: ...
-        def export(self, model, out_dir) -> None: ...       # final (and best) model
-        def state_dict(self) -> dict / load_state_dict(d)   # extra resumable state (memory bank)
-
-`training_step` must call `model(...)` (the prepared wrapper) for its forward pass, so multi-process
-gradient sync works; it runs under autocast. `on_step_end` / `export` get the unwrapped model;
-`on_step_end` runs only after an applied update (not after a step skipped by the NaN guard), on
-every process. Task logs must have the same keys on every process. The loop switches the model
-between train() and eval(): a module holding an EMA teacher should override `train()` to keep the
-teacher in eval mode. Without `evaluate`, evaluation reports the mean `training_step` loss on the
-evaluation set (under no_grad), which also suits pretraining objectives.
+A task (`bioaudio.training.task.Task`) owns the loss and its own trainable parts; the loop owns
+everything else: processes, precision, accumulation, clipping, the learning-rate schedule,
+evaluation, atomic resumable states, the NaN guard, metrics, progress and the final export.
 
 Data: `cfg.batch_size` is the GLOBAL batch of one optimizer step, split over processes and then
 over `grad_accum` micro-batches. A map-style dataset is read in a permutation that is a function of
 (seed, epoch); each item is produced under RNG seeded by (seed, epoch, index), so augmentation
 does not depend on worker count or on resuming; `dataset.set_epoch(epoch)` is called when present.
-An IterableDataset is read by every process in the same order (each keeps its share); it must
-derive its randomness from `set_epoch` or its own seeded generators, not from the global RNG.
+An IterableDataset shards itself over processes (each process reads its own rows, as
+`StreamingAudioDataset` does) and must derive its randomness from `set_epoch` or its own seeded
+generators; each process takes `batch_size / processes` of its items per step. When it has
+`set_position(n)`, a resumed run starts reading at item n of the epoch without decoding the items
+before it; when it has `__len__` (items of this process per epoch), every process runs the same
+number of steps per epoch (the smallest).
 
 Processes: run the same script under `accelerate launch --multi_gpu --num_processes N`. Without
 a GPU the Trainer builds `Accelerator(cpu=True)`, so this gives N real CPU (gloo) processes
 (`--cpu --num_processes N` silently runs one); `summary.json` records `num_processes`.
 
-Run directory (`cfg.out_dir`):
-    config.json      resolved config + identity of the model/task (checked on resume)
-    metrics.csv      one row per log / eval step; rows after a resumed step are dropped
-    state/step_N/    Accelerate state + trainer_state.json + COMPLETE marker, last `keep_last` kept
-    export/          final model (task.export, else model.safetensors + config.json)
-    best/            best model by `best_metric` (when set)
-    summary.json     status, steps, time, samples/s, final and best metrics
-    tensorboard/     when --report_to tensorboard
+Run directory: see `bioaudio.training.rundir` (config.json, metrics.csv, state/step_N/, export/,
+best/, summary.json; tensorboard/ with --report_to tensorboard).
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
-import csv
 import dataclasses
-import hashlib
 import importlib.util
 import json
 import math
 import os
-import random
-import re
 import shutil
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -74,16 +53,32 @@ from accelerate.utils import (
     set_seed,
 )
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, default_collate
+from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate
 from tqdm.auto import tqdm
 
-from .config import save_json_atomic, to_dict
-from .errors import BioaudioError, CheckpointError, ConfigError, DataError
-from .schedules import warmup_cosine
-
-STATE_FORMAT = 1
-_STEP_DIR = re.compile(r"^step_(\d+)$")
-_TIMING_COLUMNS = ("samples_per_s", "elapsed_s")
+from bioaudio.config import to_dict
+from bioaudio.errors import BioaudioError, CheckpointError, ConfigError, DataError, first_line
+from bioaudio.fileio import replace_dir, save_json_atomic
+from bioaudio.training.optim import make_adamw, param_groups
+from bioaudio.training.rundir import (
+    STATE_FORMAT,
+    STEP_DIR,
+    MetricsCSV,
+    find_resume_state,
+    list_states,
+    lock_run_dir,
+    model_identity,
+    write_run_config,
+)
+from bioaudio.training.sampling import (
+    RankBatchSampler,
+    SeededItems,
+    rng_preserved,
+    seed_of,
+    set_epoch,
+)
+from bioaudio.training.schedules import warmup_cosine
+from bioaudio.training.task import Task, TaskContext, TrainingModules
 
 
 class DivergenceError(BioaudioError):
@@ -164,6 +159,13 @@ class TrainConfig:
     best_mode: Literal["max", "min"] = field(
         default="max", metadata={"help": "whether a larger or smaller best_metric is better"}
     )
+    early_stopping: int = field(
+        default=0,
+        metadata={"help": "stop after N evaluations without a better best_metric (0 = off)"},
+    )
+    stop_at: float | None = field(
+        default=None, metadata={"help": "stop as soon as best_metric reaches this value"}
+    )
     cpu: bool = field(default=False, metadata={"help": "train on CPU even when a GPU is available"})
     find_unused_parameters: bool = field(
         default=False, metadata={"help": "DDP: allow parameters without gradient in a step"}
@@ -177,7 +179,14 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"--{name} must be a positive integer, got {value!r}")
-        for name in ("warmup_steps", "eval_every", "save_every", "num_workers", "max_bad_steps"):
+        for name in (
+            "warmup_steps",
+            "eval_every",
+            "save_every",
+            "num_workers",
+            "max_bad_steps",
+            "early_stopping",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ConfigError(f"--{name} must be a non-negative integer, got {value!r}")
@@ -209,345 +218,29 @@ class TrainConfig:
             self.resume = None
 
 
-class Task(Protocol):
-    """What the loop calls (see the module docstring for the optional methods)."""
-
-    def training_step(self, model: nn.Module, batch: Any) -> Tensor | tuple[Tensor, dict]: ...
-
-
-# ------------------------------------------------------------------------ building blocks
-
-
-def ema_update_(target: nn.Module, source: nn.Module, decay: float) -> None:
-    """target = decay * target + (1 - decay) * source for parameters (one foreach op); buffers copied."""
-    with torch.no_grad():
-        t_params = [p for p in target.parameters()]
-        s_params = [p.detach() for p in source.parameters()]
-        if len(t_params) != len(s_params):
-            raise ValueError("ema_update_: target and source have different parameter lists")
-        if t_params:
-            torch._foreach_lerp_(t_params, s_params, 1.0 - decay)
-        for tb, sb in zip(target.buffers(), source.buffers()):
-            tb.copy_(sb)
-
-
-def default_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Two AdamW groups: decay for weight matrices; none for biases, norms, tokens and
-    `model.no_weight_decay()` names (timm convention)."""
-    skip = set(getattr(model, "no_weight_decay", lambda: ())())
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if p.ndim <= 1 or name in skip or name.split(".")[-1] in skip:
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    groups = [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    return [g for g in groups if g["params"]]
-
-
-def make_adamw(
-    groups: Iterable[dict[str, Any]] | Iterable[nn.Parameter],
-    *,
-    lr: float,
-    betas: tuple[float, float] = (0.9, 0.999),
-    eps: float = 1e-8,
-    weight_decay: float = 0.0,
-) -> torch.optim.AdamW:
-    """AdamW with the fused kernel where the device supports it (~4.7x faster), else foreach."""
-    groups = list(groups)
-    try:
-        return torch.optim.AdamW(
-            groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=True
-        )
-    except (RuntimeError, ValueError, TypeError):
-        return torch.optim.AdamW(
-            groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=True
-        )
-
-
-def gather_outputs(
-    loader: Iterable[Any],
-    accelerator: Accelerator,
-    fn: Callable[[Any], Tensor | Sequence[Tensor]],
-) -> tuple[Tensor, ...]:
-    """Apply `fn(batch)` (batch-first tensors) over a prepared loader; gather across processes
-    (dropping the samples repeated to even out the last batch) and concatenate on CPU."""
-    parts: list[list[Tensor]] | None = None
-    for batch in loader:
-        out = fn(batch)
-        outs = (out,) if isinstance(out, Tensor) else tuple(out)
-        outs = accelerator.gather_for_metrics(tuple(o.detach() for o in outs))
-        if parts is None:
-            parts = [[] for _ in outs]
-        for acc, o in zip(parts, outs):
-            acc.append(o.cpu())
-    return tuple(torch.cat(p) for p in parts) if parts else ()
-
-
-def model_identity(
-    model: nn.Module, task: Any = None, extra: Mapping[str, Any] | None = None
-) -> dict[str, Any]:
-    """What must match to resume a run: model class, parameter names/shapes/dtypes, task class."""
-    digest = hashlib.sha1()
-    state = model.state_dict()
-    for name in sorted(state):
-        t = state[name]
-        digest.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
-    identity: dict[str, Any] = {
-        "model": type(model).__qualname__,
-        "parameters": int(sum(p.numel() for p in model.parameters())),
-        "signature": digest.hexdigest()[:16],
-    }
-    if task is not None:
-        identity["task"] = type(task).__qualname__
-    if extra:
-        identity.update(extra)
-    return json.loads(json.dumps(identity, default=str))
-
-
-def write_run_config(out_dir: str | Path, config: Any) -> Path:
-    """Write the resolved run config (a dataclass or mapping) to out_dir/config.json atomically."""
-    data = to_dict(config) if dataclasses.is_dataclass(config) else to_dict(dict(config))
-    path = Path(out_dir) / "config.json"
-    save_json_atomic(path, data)
-    return path
-
-
-def _is_complete_state(path: Path) -> bool:
-    return (path / "COMPLETE").is_file() and (path / "trainer_state.json").is_file()
-
-
-def list_states(state_root: str | Path) -> list[Path]:
-    """Complete `step_N` states under `state_root`, oldest first (half-written ones are skipped)."""
-    root = Path(state_root)
-    if not root.is_dir():
-        return []
-    found = []
-    for d in root.iterdir():
-        m = _STEP_DIR.match(d.name)
-        if m and d.is_dir() and _is_complete_state(d):
-            found.append((int(m.group(1)), d))
-    return [d for _, d in sorted(found)]
-
-
-def find_resume_state(path: str | Path) -> Path | None:
-    """The state to resume from `path`: a state dir itself, or the newest complete state of a run
-    directory (`path/state/step_N`) or of a `state/` folder. None if there is none."""
-    p = Path(path)
-    if _is_complete_state(p):
-        return p
-    for root in (p / "state", p):
-        states = list_states(root)
-        if states:
-            return states[-1]
-    return None
-
-
-# -------------------------------------------------------------------------------- data
-
-
-def _identity(x: Any) -> Any:
-    return x
-
-
-_MASK64 = (1 << 64) - 1
-
-
-def _seed_of(*parts: int) -> int:
-    """A well-mixed 63-bit seed from integers (splitmix64; cheap enough to call per item)."""
-    h = 0
-    for p in parts:
-        z = (h ^ (int(p) & _MASK64)) + 0x9E3779B97F4A7C15 & _MASK64
-        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9 & _MASK64
-        z = (z ^ (z >> 27)) * 0x94D049BB133111EB & _MASK64
-        h = z ^ (z >> 31)
-    return h >> 1
-
-
-def _set_epoch(dataset: Any, epoch: int) -> None:
-    set_epoch = getattr(dataset, "set_epoch", None)
-    if callable(set_epoch):
-        set_epoch(epoch)
-
-
-def _seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    # The CPU generator only: torch.manual_seed also seeds every accelerator (~0.5 ms a call).
-    torch.default_generator.manual_seed(seed)
-
-
-@contextlib.contextmanager
-def _rng_restored() -> Iterator[None]:
-    """Restore the python/numpy/torch CPU RNG streams after the block."""
-    py, npy, th = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    try:
-        yield
-    finally:
-        random.setstate(py)
-        np.random.set_state(npy)
-        torch.set_rng_state(th)
-
-
-@contextlib.contextmanager
-def _rng_preserved(device: torch.device) -> Iterator[None]:
-    """Run a block (evaluation) without moving the training RNG streams, so resume stays exact."""
-    py, npy = random.getstate(), np.random.get_state()
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        yield
-    random.setstate(py)
-    np.random.set_state(npy)
-
-
-class _SeededItems(Dataset):
-    """Map-style view whose item `i` is produced under RNG seeded by (seed, epoch, i)."""
-
-    def __init__(self, dataset: Dataset, seed: int):
-        self.dataset, self.seed, self.epoch = dataset, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-        _set_epoch(self.dataset, epoch)
-
-    def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
-
-    def _item(self, index: int) -> Any:
-        _seed_all(_seed_of(self.seed, self.epoch, index))
-        return self.dataset[index]
-
-    def __getitem__(self, index: int) -> Any:
-        with _rng_restored():
-            return self._item(index)
-
-    def __getitems__(self, indices: list[int]) -> list[Any]:
-        # The DataLoader fetches a whole micro-batch here: save/restore the RNG once, not per item.
-        with _rng_restored():
-            return [self._item(i) for i in indices]
-
-
-class _RankBatchSampler(Sampler[list[int]]):
-    """This process's micro-batches of one epoch, from global step `start` on.
-
-    Global batch s = order[s*B:(s+1)*B]; process r takes the contiguous slice r*A*m:(r+1)*A*m
-    and splits it into A micro-batches of m, so any (processes, accumulation) split of the same
-    global batch sees the same samples per optimizer step.
-    """
-
-    def __init__(
-        self, order: np.ndarray, *, batch: int, micro: int, accum: int, rank: int, start: int
-    ):
-        self.order, self.batch, self.micro, self.accum = order, batch, micro, accum
-        self.rank, self.start = rank, start
-        self.steps = len(order) // batch
-
-    def __iter__(self) -> Iterator[list[int]]:
-        B, m, A = self.batch, self.micro, self.accum
-        lo = self.rank * A * m
-        for s in range(self.start, self.steps):
-            mine = self.order[s * B + lo : s * B + lo + A * m]
-            for a in range(A):
-                yield mine[a * m : (a + 1) * m].tolist()
-
-    def __len__(self) -> int:
-        return max(0, self.steps - self.start) * self.accum
-
-
-class _MetricsCSV:
-    """metrics.csv with a header that grows when new keys appear (then the file is rewritten)."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.columns: list[str] = []
-        self.rows: list[dict[str, Any]] = []
-
-    def start(self, keep_up_to: int | None) -> None:
-        """Fresh file, or keep the rows with step <= keep_up_to (a resumed run)."""
-        self.columns, self.rows = [], []
-        if keep_up_to is not None and self.path.is_file():
-            with self.path.open(newline="") as f:
-                reader = csv.DictReader(f)
-                self.columns = list(reader.fieldnames or [])
-                for row in reader:
-                    # A row cut by a kill has missing fields (None) or an unparsable step.
-                    if None in row.values() or None in row:
-                        continue
-                    try:
-                        step = int(row["step"])
-                    except (KeyError, TypeError, ValueError):
-                        continue
-                    if step <= keep_up_to:
-                        self.rows.append(row)
-        self._rewrite()
-
-    def append(self, row: dict[str, Any]) -> None:
-        new = [k for k in row if k not in self.columns]
-        self.rows.append(row)
-        if new or not self.path.is_file():
-            self.columns.extend(new)
-            self._rewrite()
-            return
-        with self.path.open("a", newline="") as f:
-            writer = csv.DictWriter(f, self.columns, restval="", lineterminator="\n")
-            writer.writerow(self._fmt(row))
-
-    @staticmethod
-    def _fmt(row: dict[str, Any]) -> dict[str, str]:
-        return {k: repr(v) if isinstance(v, float) else str(v) for k, v in row.items()}
-
-    def _rewrite(self) -> None:
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        with tmp.open("w", newline="") as f:
-            writer = csv.DictWriter(f, self.columns, restval="", lineterminator="\n")
-            writer.writeheader()
-            for row in self.rows:
-                writer.writerow(self._fmt(row))
-        tmp.replace(self.path)
-
-
 def _destroy_process_group() -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
 
-def _lock_run_dir(out: Path) -> Any:
-    """Hold an exclusive lock on `out/.lock` (released by closing the returned file)."""
-    try:
-        import fcntl
-    except ImportError:  # not on POSIX: no lock, as before
-        return None
-    out.mkdir(parents=True, exist_ok=True)
-    fh = open(out / ".lock", "a+")  # noqa: SIM115 (held for the whole run)
-    try:
-        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        fh.close()
-        raise ConfigError(
-            f"--out_dir {out} is being used by another running training process; "
-            "wait for it to finish or choose another --out_dir"
-        ) from None
-    return fh
+def _as_is(x: Any) -> Any:
+    return x
 
 
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move a finished directory into place; an existing `dst` is replaced, never half-mixed."""
-    old = dst.with_name(f".old-{dst.name}")
-    shutil.rmtree(old, ignore_errors=True)
-    if dst.exists():
-        dst.rename(old)
-    src.rename(dst)
-    shutil.rmtree(old, ignore_errors=True)
+def _min_all(t: Tensor) -> Tensor:
+    """Element-wise minimum over processes."""
+    t = t.clone()
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+    return t
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
+def _plain_window(window: dict[str, Any]) -> dict[str, Any]:
+    """The logging window with tensors turned into floats (for trainer_state.json)."""
+    out = dict(window)
+    out["logs"] = {k: float(v) for k, v in window["logs"].items()}
+    for k in ("loss", "grad_norm"):
+        out[k] = float(window[k])
+    return out
 
 
 def _flat_hparams(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -640,18 +333,30 @@ class Trainer:
             self.steps_per_epoch = self.dataset_len // cfg.batch_size
         if cfg.best_metric and eval_dataset is None:
             raise ConfigError(f"--best_metric {cfg.best_metric} needs an evaluation set")
+        if (cfg.early_stopping or cfg.stop_at is not None) and not cfg.best_metric:
+            raise ConfigError("--early_stopping and --stop_at need --best_metric")
+
+        # The task's own parts exist before anything is prepared, optimised or saved.
+        if not isinstance(task, Task):
+            raise TypeError(f"{type(task).__name__} is not a bioaudio.training.task.Task subclass")
+        self.ctx = TaskContext(self)
+        self._micro_index = 0
+        parts = task.build(model)
+        if parts is not None and not isinstance(parts, nn.Module):
+            raise TypeError(f"{type(task).__name__}.build must return an nn.Module or None")
+        bundle = TrainingModules(model, parts, self.ctx)
 
         # Identity and the resume state are checked now, before anything is trained or written.
-        self.identity = model_identity(model, task, identity)
+        self.identity = model_identity(model if parts is None else bundle, task, identity)
         self.resume_dir = self._resolve_resume()
         # One run per out_dir at a time: a second command on the same folder would interleave
         # states and metrics rows.
-        self._lock = _lock_run_dir(self.out_dir) if acc.is_main_process else None
+        self._lock = lock_run_dir(self.out_dir) if acc.is_main_process else None
 
-        model.to(self.device)
-        opt, self._group_hparams = self._build_optimizer(model, optimizer)
-        self.model, self.optimizer = acc.prepare(model, opt)
-        self._trainable = [p for p in self.unwrapped.parameters() if p.requires_grad]
+        bundle.to(self.device)
+        opt, self._group_hparams = self._build_optimizer(bundle, optimizer)
+        self.model, self.optimizer = acc.prepare(bundle, opt)
+        self._trainable = [p for p in self.bundle.parameters() if p.requires_grad]
         if not self._trainable:
             raise ConfigError("the model has no trainable parameters")
         # States hold unwrapped weights, so a run saved with N processes resumes with M.
@@ -678,22 +383,30 @@ class Trainer:
         self.total_bad = 0
         self.best: dict[str, Any] | None = None
         self.last_eval: dict[str, Any] | None = None
+        self.evals_since_best = 0
+        self.stopped_early: int | None = None
         self.elapsed_s = 0.0
         self._window = self._empty_window()
         self._last_saved_step = -1
         self._stop_signal: int | None = None
-        self._metrics = _MetricsCSV(self.out_dir / "metrics.csv")
-
-        setup = getattr(task, "setup", None)
-        if callable(setup):
-            setup(self)
+        self._metrics = MetricsCSV(self.out_dir / "metrics.csv")
 
     # ---- public helpers
 
     @property
-    def unwrapped(self) -> nn.Module:
-        """The model without DDP / compile / precision wrappers."""
+    def bundle(self) -> TrainingModules:
+        """The prepared module without DDP / compile / precision wrappers (model + task parts)."""
         return self.accelerator.unwrap_model(self.model)
+
+    @property
+    def unwrapped(self) -> nn.Module:
+        """The model without DDP / compile / precision wrappers (no task parts)."""
+        return self.bundle.model
+
+    @property
+    def task_parts(self) -> nn.Module | None:
+        """The module returned by `task.build` (unwrapped), or None."""
+        return self.bundle.parts
 
     @property
     def is_main_process(self) -> bool:
@@ -743,7 +456,7 @@ class Trainer:
             opt = optimizer
         else:
             groups = (
-                default_param_groups(model, cfg.weight_decay)
+                param_groups(model, cfg.weight_decay)
                 if optimizer is None
                 else [dict(g) for g in optimizer]
             )
@@ -762,11 +475,11 @@ class Trainer:
     def _save_hook(self, models: list, weights: list, output_dir: str) -> None:
         if len(weights) == len(models):
             for i, m in enumerate(models):
-                weights[i] = self.accelerator.unwrap_model(m).state_dict()
+                weights[i] = self.accelerator.unwrap_model(m).state_for_saving()
 
     def _load_hook(self, models: list, input_dir: str) -> None:
         for i, m in enumerate(models):
-            models[i] = self.accelerator.unwrap_model(m)
+            models[i] = self.accelerator.unwrap_model(m).target_for_loading()
 
     def _resolve_resume(self) -> Path | None:
         cfg, out = self.cfg, self.out_dir
@@ -808,7 +521,7 @@ class Trainer:
             data = json.loads((state / "trainer_state.json").read_text())
         except (OSError, ValueError) as e:
             raise CheckpointError(
-                f"{state}/trainer_state.json: unreadable ({_first_line(e)})"
+                f"{state}/trainer_state.json: unreadable ({first_line(e)})"
             ) from e
         if not isinstance(data, dict) or data.get("format") != STATE_FORMAT:
             raise CheckpointError(f"{state}/trainer_state.json: not a bioaudio training state")
@@ -857,7 +570,9 @@ class Trainer:
             "best": self.best,
             "last_eval": self.last_eval,
             "elapsed_s": self.elapsed_s,
-            "window": self._window,
+            "window": _plain_window(self._window),
+            "evals_since_best": self.evals_since_best,
+            "stopped_early": self.stopped_early,
             "identity": self.identity,
         }
 
@@ -871,14 +586,14 @@ class Trainer:
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
         acc.save_state(str(tmp))
-        task_state = getattr(self.task, "state_dict", None)
-        if callable(task_state):
-            torch.save(task_state(), tmp / f"task_state_{self.rank}.pt")
+        task_state = self.task.state_dict()
+        if task_state:
+            torch.save(task_state, tmp / f"task_state_{self.rank}.pt")
         acc.wait_for_everyone()
         if self.is_main_process:
             save_json_atomic(tmp / "trainer_state.json", self._trainer_state())
             (tmp / "COMPLETE").write_text(f"step {self.step}\n")
-            _replace_dir(tmp, final)
+            replace_dir(tmp, final)
             for old in list_states(root)[: -self.cfg.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
         acc.wait_for_everyone()
@@ -890,16 +605,15 @@ class Trainer:
         try:
             self.accelerator.load_state(str(state))
         except Exception as e:  # torch / safetensors raise many types for a bad state
-            raise CheckpointError(f"--resume {state}: cannot load ({_first_line(e)})") from e
+            raise CheckpointError(f"--resume {state}: cannot load ({first_line(e)})") from e
         if not (state / f"random_states_{self.rank}.pkl").is_file() and self.is_main_process:
             tqdm.write(f"note: {state} has no RNG state for process {self.rank}; resuming anyway")
-        load_task = getattr(self.task, "load_state_dict", None)
-        if callable(load_task):
-            f = state / f"task_state_{self.rank}.pt"
-            f = f if f.is_file() else state / "task_state_0.pt"
-            if not f.is_file():
-                raise CheckpointError(f"--resume {state}: task state {f.name} is missing")
-            load_task(torch.load(f, map_location=self.device, weights_only=True))
+        f = state / f"task_state_{self.rank}.pt"
+        f = f if f.is_file() else state / "task_state_0.pt"
+        if f.is_file():
+            self.task.load_state_dict(torch.load(f, map_location=self.device, weights_only=True))
+        elif self.task.state_dict():
+            raise CheckpointError(f"--resume {state}: task state {f.name} is missing")
         for g, h in zip(self.optimizer.param_groups, self._group_hparams):
             g["weight_decay"] = h["weight_decay"]
         self.step = int(saved["step"])
@@ -911,6 +625,8 @@ class Trainer:
         self.last_eval = saved.get("last_eval")
         self.elapsed_s = float(saved.get("elapsed_s", 0.0))
         self._window = saved.get("window") or self._empty_window()
+        self.evals_since_best = int(saved.get("evals_since_best", 0))
+        self.stopped_early = saved.get("stopped_early")
         self._last_saved_step = self.step
         if saved.get("dataset_len") != self.dataset_len and self.is_main_process:
             tqdm.write(
@@ -922,9 +638,9 @@ class Trainer:
 
     def _epoch_batches(self, epoch: int, start: int) -> Iterator[list[Any]]:
         cfg, A, m = self.cfg, self.cfg.grad_accum, self.micro_batch
-        gen = torch.Generator().manual_seed(_seed_of(cfg.seed, epoch, self.rank))
+        gen = torch.Generator().manual_seed(seed_of(cfg.seed, epoch, self.rank))
         if not self._iterable:
-            dataset = _SeededItems(self.train_dataset, cfg.seed)  # type: ignore[arg-type]
+            dataset = SeededItems(self.train_dataset, cfg.seed)  # type: ignore[arg-type]
             dataset.set_epoch(epoch)
             n = self.dataset_len or 0
             order = (
@@ -932,7 +648,7 @@ class Trainer:
                 if cfg.shuffle
                 else np.arange(n)
             )
-            sampler = _RankBatchSampler(
+            sampler = RankBatchSampler(
                 order, batch=cfg.batch_size, micro=m, accum=A, rank=self.rank, start=start
             )
             loader = DataLoader(
@@ -947,25 +663,50 @@ class Trainer:
             for _ in range(start, self.steps_per_epoch):
                 yield [next(it) for _ in range(A)]
             return
-        # Streaming: every process reads the same stream and keeps its slice of each global batch.
-        _set_epoch(self.train_dataset, epoch)
+        # Streaming: the dataset shards itself over processes; this process takes A * m of its
+        # own items per step. A resume starts reading at the saved position without decoding the
+        # items before it (set_position), else they are read and dropped.
+        ds, per_step = self.train_dataset, A * m
+        set_epoch(ds, epoch)
+        skip = start * per_step
+        set_position = getattr(ds, "set_position", None)
+        if callable(set_position):
+            set_position(skip)
+            skip = 0
+        elif skip and self.is_main_process:
+            tqdm.write(f"note: re-reading {skip} items to reach the resumed stream position")
+        steps = self._stream_steps(ds, start)
         loader = DataLoader(
-            self.train_dataset,
+            ds,
             batch_size=None,
-            collate_fn=_identity,
+            collate_fn=_as_is,
             num_workers=cfg.num_workers,
             generator=gen,
         )
         items = iter(loader)
-        for _ in islice(items, start * cfg.batch_size):
+        for _ in islice(items, skip):
             pass
-        lo = self.rank * A * m
-        while True:
-            chunk = list(islice(items, cfg.batch_size))
-            if len(chunk) < cfg.batch_size:
+        s = start
+        while steps is None or s < steps:
+            chunk = list(islice(items, per_step))
+            if len(chunk) < per_step:
                 return
-            mine = chunk[lo : lo + A * m]
-            yield [self.collate_fn(mine[a * m : (a + 1) * m]) for a in range(A)]
+            s += 1
+            yield [self.collate_fn(chunk[a * m : (a + 1) * m]) for a in range(A)]
+        if callable(set_position):
+            set_position(0)
+
+    def _stream_steps(self, dataset: Any, start: int) -> int | None:
+        """Steps per epoch of a streaming dataset with a length: the smallest over processes,
+        so no process waits in a collective for one that has a batch more."""
+        try:
+            n = len(dataset)
+        except TypeError:
+            return None
+        steps = torch.tensor(n // (self.cfg.grad_accum * self.micro_batch), device=self.device)
+        if self.num_processes > 1:
+            steps = _min_all(steps)
+        return int(steps)
 
     def _step_batches(self) -> Iterator[tuple[int, int, list[Any]]]:
         """(epoch, batches done in that epoch, this step's micro-batches on device), forever."""
@@ -986,23 +727,27 @@ class Trainer:
 
     # ---- one step
 
-    def _forward_backward(self, micro_batches: list[Any]) -> tuple[Tensor, dict[str, float]]:
+    def _forward_backward(self, micro_batches: list[Any]) -> tuple[Tensor, dict[str, Tensor]]:
         acc, A = self.accelerator, len(micro_batches)
         loss_sum = torch.zeros((), device=self.device)
-        logs_sum: dict[str, float] = {}
+        logs_sum: dict[str, Tensor] = {}
+        self.ctx.pop_logs()
         for i, batch in enumerate(micro_batches):
+            self._micro_index = i
             # Gradients are all-reduced only on the last micro-batch of the step.
             sync = contextlib.nullcontext() if i == A - 1 else acc.no_sync(self.model)
             with sync:
                 with acc.autocast():
-                    out = self.task.training_step(self.model, batch)
+                    out = self.model(self.task.training_step, batch, self.ctx)
                 loss, logs = out if isinstance(out, tuple) else (out, {})
                 if not isinstance(loss, Tensor) or loss.ndim != 0:
                     raise TypeError("training_step must return a scalar loss tensor")
                 acc.backward(loss / A)
             loss_sum += loss.detach().float()
             for k, v in logs.items():
-                logs_sum[k] = logs_sum.get(k, 0.0) + float(v)
+                self.ctx.log(k, v)
+            for k, v in self.ctx.pop_logs().items():
+                logs_sum[k] = logs_sum[k] + v if k in logs_sum else v
         return loss_sum / A, {k: v / A for k, v in logs_sum.items()}
 
     def _set_lr(self, step: int) -> float:
@@ -1052,12 +797,12 @@ class Trainer:
         acc = self.accelerator
         self.model.eval()
         try:
-            with _rng_preserved(self.device), torch.no_grad(), acc.autocast():
-                evaluate = getattr(self.task, "evaluate", None)
-                if callable(evaluate):
-                    metrics = evaluate(self.model, self.eval_loader, acc)
-                else:
+            with rng_preserved(self.device), torch.no_grad(), acc.autocast():
+                self.ctx.parts = self.task_parts
+                metrics = self.task.evaluate(self.unwrapped, self.eval_loader, self.ctx)
+                if metrics is None:
                     metrics = self._eval_loss()
+                self.ctx.pop_logs()  # logs of evaluation forwards are not training logs
         finally:
             self.model.train()
         return {(k if k.startswith("eval/") else f"eval/{k}"): float(v) for k, v in metrics.items()}
@@ -1066,16 +811,19 @@ class Trainer:
         """Default evaluation: the training loss, sample-weighted over the evaluation set."""
         values = []
         for batch in self.eval_loader or ():
-            out = self.task.training_step(self.model, batch)
+            out = self.model(self.task.training_step, batch, self.ctx)
             loss = out[0] if isinstance(out, tuple) else out
             n = find_batch_size(batch) or 1
             values.append(self.accelerator.gather_for_metrics(loss.detach().float().expand(n)))
         return {"loss": float(torch.cat(values).mean())} if values else {}
 
-    def _update_best(self, metrics: dict[str, float]) -> None:
-        name = self.cfg.best_metric
+    def _update_best(self, metrics: dict[str, float]) -> bool:
+        """Track the best evaluation (export best/); True when training should stop early
+        (--early_stopping evaluations without improvement, or --stop_at reached)."""
+        cfg = self.cfg
+        name = cfg.best_metric
         if not name:
-            return
+            return False
         key = name if name.startswith("eval/") else f"eval/{name}"
         if key not in metrics:
             raise ConfigError(
@@ -1084,13 +832,19 @@ class Trainer:
             )
         value = metrics[key]
         better = self.best is None or (
-            value > self.best["value"]
-            if self.cfg.best_mode == "max"
-            else value < self.best["value"]
+            value > self.best["value"] if cfg.best_mode == "max" else value < self.best["value"]
         )
         if better and math.isfinite(value):
             self.best = {"metric": key, "value": value, "step": self.step}
+            self.evals_since_best = 0
             self._export("best")
+        else:
+            self.evals_since_best += 1
+        if cfg.stop_at is not None and math.isfinite(value):
+            reached = value >= cfg.stop_at if cfg.best_mode == "max" else value <= cfg.stop_at
+            if reached:
+                return True
+        return bool(cfg.early_stopping and self.evals_since_best >= cfg.early_stopping)
 
     def _export(self, name: str) -> Path:
         dest = self.out_dir / name
@@ -1098,13 +852,10 @@ class Trainer:
             tmp = self.out_dir / f".{name}.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            model = self.unwrapped
-            export = getattr(self.task, "export", None)
-            if callable(export):
-                export(model, tmp)
-            else:
-                self._default_export(model, tmp)
-            _replace_dir(tmp, dest)
+            self.ctx.parts = self.task_parts
+            if not self.task.export(self.unwrapped, tmp, self.ctx):
+                self._default_export(self.unwrapped, tmp)
+            replace_dir(tmp, dest)
         self.accelerator.wait_for_everyone()
         return dest
 
@@ -1121,13 +872,16 @@ class Trainer:
         w, now = self._window, time.perf_counter()
         good = max(w["good"], 1)
         dt = max(now - self._window_t0, 1e-9)
-        logs = w["logs"]
-        if self.num_processes > 1 and logs:
-            keys = sorted(logs)
-            summed = self.accelerator.reduce(
-                torch.tensor([logs[k] for k in keys], device=self.device), reduction="sum"
-            ).tolist()
-            logs = {k: v / self.num_processes for k, v in zip(keys, summed)}
+        logs: dict[str, float] = {}
+        if w["logs"]:
+            # One synchronisation for every logged value of the window.
+            keys = sorted(w["logs"])
+            packed = torch.stack(
+                [torch.as_tensor(w["logs"][k], device=self.device).float() for k in keys]
+            )
+            if self.num_processes > 1:
+                packed = self.accelerator.reduce(packed, reduction="sum") / self.num_processes
+            logs = dict(zip(keys, packed.tolist()))
         row: dict[str, Any] = {
             "step": self.step,
             "epoch": round(epoch_pos, 6),
@@ -1217,7 +971,7 @@ class Trainer:
             if self.is_main_process:
                 save_json_atomic(
                     self.out_dir / "summary.json",
-                    self._summary("failed", None, resumed_from, error=_first_line(e)),
+                    self._summary("failed", None, resumed_from, error=first_line(e)),
                 )
             self._end_trackers()
             raise
@@ -1241,7 +995,7 @@ class Trainer:
         cfg = self.cfg
         self._lr = self.lr_at(self.step)
         self._window_t0, self._session_steps_window = time.perf_counter(), 0
-        if self.step >= cfg.max_steps:
+        if self.step >= cfg.max_steps or self.stopped_early is not None:
             return "completed"
         self.model.train()
         batches = self._step_batches()
@@ -1268,10 +1022,9 @@ class Trainer:
                     w["loss"] += loss
                     w["grad_norm"] += grad_norm
                     for k, v in logs.items():
-                        w["logs"][k] = w["logs"].get(k, 0.0) + v
-                    on_step_end = getattr(self.task, "on_step_end", None)
-                    if callable(on_step_end):
-                        on_step_end(self.step, self.unwrapped)
+                        w["logs"][k] = w["logs"][k] + v if k in w["logs"] else v
+                    self.ctx.parts = self.task_parts
+                    self.task.on_step_end(self.unwrapped, self.ctx)
                 else:
                     self.consecutive_bad += 1
                     self.total_bad += 1
@@ -1302,7 +1055,8 @@ class Trainer:
                 ):
                     metrics = self._evaluate()
                     self.last_eval = {"step": self.step, "metrics": metrics}
-                    self._update_best(metrics)
+                    if self._update_best(metrics):
+                        self.stopped_early = self.step
                     if not row:
                         row = {"step": self.step, "epoch": round(epoch, 6)}
                     row.update(metrics)
@@ -1314,6 +1068,13 @@ class Trainer:
                     self._save_state()
                 if stop:
                     return "interrupted"
+                if self.stopped_early is not None:
+                    if self.is_main_process:
+                        tqdm.write(
+                            f"step {self.step}: stopping early ({self.cfg.best_metric} "
+                            f"{'reached --stop_at' if self.evals_since_best == 0 else 'did not improve for ' + str(self.evals_since_best) + ' evaluations'})"
+                        )
+                    return "completed"
             return "completed"
         finally:
             batches.close()
@@ -1367,6 +1128,7 @@ class Trainer:
             "eval": final_eval,
             "best": self.best,
             "bad_steps": self.total_bad,
+            "stopped_early": self.stopped_early,
             "num_processes": self.num_processes,
             "precision": self.precision,
             "device": str(self.device),
@@ -1393,7 +1155,7 @@ class Trainer:
         """States newer than the resumed one belong to an abandoned timeline: keep them, renamed,
         so auto-resume and pruning never pick them up."""
         for d in list_states(self.out_dir / "state"):
-            n = int(_STEP_DIR.match(d.name).group(1))  # type: ignore[union-attr]
+            n = int(STEP_DIR.match(d.name).group(1))  # type: ignore[union-attr]
             if n > step:
                 target = d.with_name(f"{d.name}.abandoned")
                 shutil.rmtree(target, ignore_errors=True)

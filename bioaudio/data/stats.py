@@ -24,10 +24,15 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .config import save_json_atomic
-from .datasets import AudioDataset
-from .errors import AudioDecodeError, ConfigError, DataError
-from .frontend import FrontendConfig, FrontendKind, build_frontend, frontend_from_options
+from bioaudio.data.datasets import AudioDataset
+from bioaudio.data.frontend import (
+    FrontendConfig,
+    FrontendKind,
+    build_frontend,
+    frontend_from_options,
+)
+from bioaudio.errors import AudioDecodeError, ConfigError, DataError
+from bioaudio.fileio import save_json_atomic
 
 STATS_FILE = "stats.json"
 

@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .errors import DataError
+from bioaudio.errors import DataError
 
 AttentionImpl = Literal["sdpa", "math"]
 _ATTENTION_IMPL: AttentionImpl = "sdpa"

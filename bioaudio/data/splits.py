@@ -25,8 +25,8 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
-from .errors import ConfigError, DataError
-from .manifest import split_labels
+from bioaudio.data.manifest import split_labels
+from bioaudio.errors import ConfigError, DataError
 
 SplitMethod = Literal["stratified", "group", "kfold", "esc"]
 SPLITS = ("train", "val", "test")

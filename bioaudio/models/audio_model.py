@@ -20,12 +20,12 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from . import registry
-from .config import from_dict, to_dict
-from .errors import ConfigError
-from .frontend import FrontendConfig, build_frontend
-from .heads import EMBED_POOLINGS, HeadConfig, build_head, pool_tokens
-from .layers import EncoderOutput
+from bioaudio.config import from_dict, to_dict
+from bioaudio.data.frontend import FrontendConfig, build_frontend
+from bioaudio.errors import ConfigError
+from bioaudio.models import registry
+from bioaudio.models.heads import EMBED_POOLINGS, HeadConfig, build_head, pool_tokens
+from bioaudio.models.layers import EncoderOutput
 
 
 class AudioModel(nn.Module):

@@ -1,0 +1,157 @@
+"""The run directory: identity (what must match to resume), resolved config, complete states,
+metrics.csv, and the lock that keeps two processes out of one run.
+
+    config.json      resolved config + identity of the model/task (checked on resume)
+    metrics.csv      one row per log / eval step; rows after a resumed step are dropped
+    state/step_N/    Accelerate state + trainer_state.json + COMPLETE marker, last K kept
+    export/, best/   final and best model
+    summary.json     status, steps, time, samples/s, final and best metrics
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import json
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from bioaudio.config import to_dict
+from bioaudio.errors import ConfigError
+from bioaudio.fileio import atomic_path, save_json_atomic
+
+STATE_FORMAT = 1
+STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def model_identity(
+    model: nn.Module, task: Any = None, extra: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """What must match to resume a run: model class, parameter names/shapes/dtypes, task class."""
+    digest = hashlib.sha1()
+    state = model.state_dict()
+    for name in sorted(state):
+        t = state[name]
+        digest.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+    identity: dict[str, Any] = {
+        "model": type(model).__qualname__,
+        "parameters": int(sum(p.numel() for p in model.parameters())),
+        "signature": digest.hexdigest()[:16],
+    }
+    if task is not None:
+        identity["task"] = type(task).__qualname__
+    if extra:
+        identity.update(extra)
+    return json.loads(json.dumps(identity, default=str))
+
+
+def write_run_config(out_dir: str | Path, config: Any) -> Path:
+    """Write the resolved run config (a dataclass or mapping) to out_dir/config.json atomically."""
+    data = to_dict(config) if dataclasses.is_dataclass(config) else to_dict(dict(config))
+    path = Path(out_dir) / "config.json"
+    save_json_atomic(path, data)
+    return path
+
+
+def is_complete_state(path: Path) -> bool:
+    return (path / "COMPLETE").is_file() and (path / "trainer_state.json").is_file()
+
+
+def list_states(state_root: str | Path) -> list[Path]:
+    """Complete `step_N` states under `state_root`, oldest first (half-written ones are skipped)."""
+    root = Path(state_root)
+    if not root.is_dir():
+        return []
+    found = []
+    for d in root.iterdir():
+        m = STEP_DIR.match(d.name)
+        if m and d.is_dir() and is_complete_state(d):
+            found.append((int(m.group(1)), d))
+    return [d for _, d in sorted(found)]
+
+
+def find_resume_state(path: str | Path) -> Path | None:
+    """The state to resume from `path`: a state dir itself, or the newest complete state of a run
+    directory (`path/state/step_N`) or of a `state/` folder. None if there is none."""
+    p = Path(path)
+    if is_complete_state(p):
+        return p
+    for root in (p / "state", p):
+        states = list_states(root)
+        if states:
+            return states[-1]
+    return None
+
+
+class MetricsCSV:
+    """metrics.csv with a header that grows when new keys appear (then the file is rewritten)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.columns: list[str] = []
+        self.rows: list[dict[str, Any]] = []
+
+    def start(self, keep_up_to: int | None) -> None:
+        """Fresh file, or keep the rows with step <= keep_up_to (a resumed run)."""
+        self.columns, self.rows = [], []
+        if keep_up_to is not None and self.path.is_file():
+            with self.path.open(newline="") as f:
+                reader = csv.DictReader(f)
+                self.columns = list(reader.fieldnames or [])
+                for row in reader:
+                    # A row cut by a kill has missing fields (None) or an unparsable step.
+                    if None in row.values() or None in row:
+                        continue
+                    try:
+                        step = int(row["step"])
+                    except (KeyError, TypeError, ValueError):
+                        continue
+                    if step <= keep_up_to:
+                        self.rows.append(row)
+        self._rewrite()
+
+    def append(self, row: dict[str, Any]) -> None:
+        new = [k for k in row if k not in self.columns]
+        self.rows.append(row)
+        if new or not self.path.is_file():
+            self.columns.extend(new)
+            self._rewrite()
+            return
+        with self.path.open("a", newline="") as f:
+            writer = csv.DictWriter(f, self.columns, restval="", lineterminator="\n")
+            writer.writerow(self._fmt(row))
+
+    @staticmethod
+    def _fmt(row: dict[str, Any]) -> dict[str, str]:
+        return {k: repr(v) if isinstance(v, float) else str(v) for k, v in row.items()}
+
+    def _rewrite(self) -> None:
+        with atomic_path(self.path) as tmp, tmp.open("w", newline="") as f:
+            writer = csv.DictWriter(f, self.columns, restval="", lineterminator="\n")
+            writer.writeheader()
+            for row in self.rows:
+                writer.writerow(self._fmt(row))
+
+
+def lock_run_dir(out: Path) -> Any:
+    """Hold an exclusive lock on `out/.lock` (released by closing the returned file)."""
+    try:
+        import fcntl
+    except ImportError:  # not on POSIX: no lock, as before
+        return None
+    out.mkdir(parents=True, exist_ok=True)
+    fh = open(out / ".lock", "a+")  # noqa: SIM115 (held for the whole run)
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fh.close()
+        raise ConfigError(
+            f"--out_dir {out} is being used by another running training process; "
+            "wait for it to finish or choose another --out_dir"
+        ) from None
+    return fh
