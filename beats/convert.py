@@ -151,7 +151,7 @@ def class_names_from(ckpt: dict[str, Any], n: int) -> list[str] | None:
     return names
 
 
-def load_official(ckpt: dict[str, Any], source: str) -> BEATsModel:
+def load_official(ckpt: dict[str, Any], source: str, **_: Any) -> BEATsModel:
     """An official BEATs checkpoint (already read safely) -> BEATsModel with its weights."""
     if not is_official_checkpoint(ckpt):
         raise CheckpointError(f"{source}: not an official BEATs checkpoint ({{'cfg', 'model'}})")

@@ -37,9 +37,11 @@ from torch.nn.utils.parametrizations import weight_norm
 from bioaudio.errors import ConfigError
 from bioaudio.models.audio_model import AudioModel
 from bioaudio.models.layers import (
+    Encoder,
     EncoderOutput,
     PatchEmbed,
     attention,
+    block_layer_id,
     frames_to_token_mask,
     gather_tokens,
     keep_indices,
@@ -59,6 +61,14 @@ PRESETS: dict[str, dict] = {
         encoder_embed_dim=64,
         encoder_ffn_embed_dim=128,
         encoder_attention_heads=4,
+    ),
+    # CPU-sized pretraining (a few hours of audio on a laptop): ViT-S width, half depth.
+    "small": dict(
+        embed_dim=384,
+        encoder_layers=6,
+        encoder_embed_dim=384,
+        encoder_ffn_embed_dim=1536,
+        encoder_attention_heads=6,
     ),
     "base": dict(),
 }
@@ -109,7 +119,8 @@ class BEATsConfig:
 
     @classmethod
     def preset(cls, name: str) -> BEATsConfig:
-        """A named preset: `tiny` (tests) or `base` (official iter3 dimensions)."""
+        """A named preset: `tiny` (tests), `small` (CPU-sized pretraining) or `base` (official
+        iter3 dimensions)."""
         if name not in PRESETS:
             raise ConfigError(f"unknown BEATs preset {name!r} (known: {', '.join(PRESETS)})")
         cfg = cls(**PRESETS[name])
@@ -375,8 +386,15 @@ def _or(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
     return b if a is None else a | b
 
 
-class BEATsEncoder(nn.Module):
+class BEATsEncoder(Encoder):
     """BEATs: fbank (B, T, F) [+ frame padding mask, + keep mask] -> EncoderOutput."""
+
+    NO_WEIGHT_DECAY = (
+        "cls_token",
+        "encoder.relative_attention_bias.weight",  # a table of position biases
+        "encoder.layers.*.self_attn.grep_a",  # position-bias gates
+        "encoder.pos_conv.0.parametrizations.weight.original0",  # weight-norm scale g
+    )
 
     def __init__(self, cfg: BEATsConfig):
         super().__init__()
@@ -400,6 +418,23 @@ class BEATsEncoder(nn.Module):
     @property
     def has_cls(self) -> bool:
         return self.cls_token is not None
+
+    @property
+    def num_layers(self) -> int:
+        return self.cfg.encoder_layers
+
+    def layer_id(self, name: str) -> int:
+        before = ["patch_embedding", "layer_norm", "post_extract_proj", "cls_token"]
+        before += ["encoder.pos_conv", "encoder.relative_attention_bias"]
+        if not self.cfg.layer_norm_first:  # post-LN: the encoder's norm runs before the blocks
+            before.append("encoder.layer_norm")
+        return block_layer_id(name, "encoder.layers", self.num_layers, tuple(before))
+
+    def describe(self) -> str:
+        c = self.cfg
+        return (
+            f"{c.encoder_layers} layers x {c.encoder_embed_dim}, {c.encoder_attention_heads} heads"
+        )
 
     @property
     def gradient_checkpointing(self) -> bool:
@@ -433,27 +468,6 @@ class BEATsEncoder(nn.Module):
     ) -> EncoderOutput:
         """Transformer on embedded tokens (B, N, D) with a token padding mask (B, N)."""
         return EncoderOutput(*self.encoder(x, token_mask, keep, self.cls_token))
-
-    def forward(
-        self,
-        fbank: torch.Tensor,
-        padding_mask: torch.Tensor | None = None,
-        keep: torch.Tensor | None = None,
-    ) -> EncoderOutput:
-        """fbank (B, T, F), frame padding (B, T) True=pad, keep (B, N) True=visible token."""
-        return self._run(fbank, padding_mask, keep, None)
-
-    def forward_layers(
-        self,
-        fbank: torch.Tensor,
-        padding_mask: torch.Tensor | None = None,
-        keep: torch.Tensor | None = None,
-    ) -> tuple[EncoderOutput, list[torch.Tensor]]:
-        """Like forward, plus every layer's output (B, [1 +] N', D), the CLS token first when
-        the encoder has one (for layer-wise probing and distillation targets). A layer skipped
-        by layer drop in training is not listed; pre-LN outputs precede the final LayerNorm."""
-        layers: list[torch.Tensor] = []
-        return self._run(fbank, padding_mask, keep, layers), layers
 
     def _run(
         self,

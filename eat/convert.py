@@ -171,7 +171,18 @@ def _build(enc: EATConfig, head: HeadConfig | None, sd: dict, source: str) -> EA
 
 
 # ----- Hugging Face ------------------------------------------------------------------------------
-def load_hf(weights: str | Path, config: str | Path, source: str | None = None) -> EATModel:
+def is_hf_config(cfg: dict[str, Any]) -> bool:
+    """True for the config.json of an EAT Hugging Face checkpoint (model_type "eat", or the
+    EATConfig fields without a model_type); `load_hf` then checks every value it needs."""
+    model_type = str(cfg.get("model_type", "")).lower()
+    if model_type:
+        return model_type == "eat"
+    return "embed_dim" in cfg or "mel_bins" in cfg
+
+
+def load_hf(
+    weights: str | Path, config: str | Path, source: str | None = None, **_: Any
+) -> EATModel:
     """An EAT Hugging Face checkpoint (model.safetensors or pytorch_model.bin + config.json)."""
     weights, config = Path(weights), Path(config)
     source = source or str(weights)
@@ -249,7 +260,7 @@ def _prediction_pooling(mode: Any, source: str) -> str:
     )
 
 
-def load_fairseq(ckpt: dict[str, Any], source: str, ema: bool = False) -> EATModel:
+def load_fairseq(ckpt: dict[str, Any], source: str, ema: bool = False, **_: Any) -> EATModel:
     """An EAT fairseq checkpoint (already read safely) -> EATModel."""
     cfg = to_plain(ckpt.get("cfg"))
     if not isinstance(cfg, dict) or not isinstance(cfg.get("model"), dict):

@@ -27,9 +27,11 @@ from timm.layers import DropPath, Mlp
 from bioaudio.errors import ConfigError, DataError
 from bioaudio.models.audio_model import AudioModel
 from bioaudio.models.layers import (
+    Encoder,
     EncoderOutput,
     PatchEmbed,
     attention,
+    block_layer_id,
     frames_to_token_mask,
     gather_tokens,
     keep_indices,
@@ -39,6 +41,8 @@ from bioaudio.models.layers import (
 
 PRESETS: dict[str, dict] = {
     "tiny": dict(embed_dim=64, depth=2, num_heads=4, max_length=64),
+    # CPU-sized pretraining (a few hours of audio on a laptop): ViT-S width, half depth.
+    "small": dict(embed_dim=384, depth=6, num_heads=6),
     "base": dict(),
     "large": dict(embed_dim=1024, depth=24, num_heads=16),
 }
@@ -75,7 +79,8 @@ class EATConfig:
 
     @classmethod
     def preset(cls, name: str) -> EATConfig:
-        """A named preset: `tiny` (tests), `base` (EAT-base, ViT-B), `large` (EAT-large, ViT-L)."""
+        """A named preset: `tiny` (tests), `small` (CPU-sized pretraining), `base` (EAT-base,
+        ViT-B), `large` (EAT-large, ViT-L)."""
         if name not in PRESETS:
             raise ConfigError(f"unknown EAT preset {name!r} (known: {', '.join(PRESETS)})")
         cfg = cls(**PRESETS[name])
@@ -160,8 +165,10 @@ class EATBlock(nn.Module):
         return self.norm2(x + self.drop_path(self.post_mlp_dropout(self.mlp(x))))
 
 
-class EATEncoder(nn.Module):
+class EATEncoder(Encoder):
     """EAT: fbank (B, T, F) [+ frame padding mask, + keep mask] -> EncoderOutput with CLS."""
+
+    NO_WEIGHT_DECAY = ("extra_tokens",)  # the positions are a fixed buffer
 
     def __init__(self, cfg: EATConfig):
         super().__init__()
@@ -195,6 +202,20 @@ class EATEncoder(nn.Module):
         return True
 
     @property
+    def num_layers(self) -> int:
+        return self.cfg.depth
+
+    def layer_id(self, name: str) -> int:
+        return block_layer_id(
+            name, "blocks", self.cfg.depth, ("local_encoder", "extra_tokens", "pre_norm")
+        )
+
+    def describe(self) -> str:
+        c = self.cfg
+        seconds = c.max_length * c.patch_size / 100
+        return f"{c.depth} blocks x {c.embed_dim}, {c.num_heads} heads, max {seconds:.1f} s"
+
+    @property
     def n_freq(self) -> int:
         """Frequency patches per time step (8 for 128 bins)."""
         return self.cfg.n_mels // self.cfg.patch_size
@@ -203,26 +224,6 @@ class EATEncoder(nn.Module):
     def max_frames(self) -> int:
         """Longest input (frames) the position table covers."""
         return self.cfg.max_length * self.cfg.patch_size
-
-    def forward(
-        self,
-        fbank: torch.Tensor,
-        padding_mask: torch.Tensor | None = None,
-        keep: torch.Tensor | None = None,
-    ) -> EncoderOutput:
-        """fbank (B, T, F), frame padding (B, T) True=pad, keep (B, N) True=visible token."""
-        return self._run(fbank, padding_mask, keep, None)
-
-    def forward_layers(
-        self,
-        fbank: torch.Tensor,
-        padding_mask: torch.Tensor | None = None,
-        keep: torch.Tensor | None = None,
-    ) -> tuple[EncoderOutput, list[torch.Tensor]]:
-        """Like forward, plus every block's output (B, 1 + N', D), CLS first (the EAT teacher
-        targets average the top blocks; also for layer-wise probing)."""
-        layers: list[torch.Tensor] = []
-        return self._run(fbank, padding_mask, keep, layers), layers
 
     def _run(
         self,

@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from bioaudio.config import add_dataclass_args, config_from_args
 from bioaudio.errors import CheckpointError, ConfigError
+from bioaudio.models import registry
 from bioaudio.models.checkpoint import (
     WEIGHTS_FILE,
     detect_format,
@@ -29,12 +30,6 @@ from bioaudio.models.checkpoint import (
     temp_dir_beside,
     write_export,
 )
-
-SOURCE_NAMES = {
-    "beats_official": "official BEATs checkpoint",
-    "eat_fairseq": "EAT fairseq checkpoint",
-    "eat_hf": "EAT Hugging Face checkpoint",
-}
 
 
 @dataclass
@@ -100,12 +95,15 @@ def _sha256(path: Path) -> str:
 
 @torch.no_grad()
 def compare_outputs(a: torch.nn.Module, b: torch.nn.Module, seed: int = 0) -> float:
-    """Max |difference| of tokens, CLS and logits of two models on a padded random batch."""
+    """Max |difference| of tokens, CLS and logits of two models on a padded random batch
+    (logits only for models without an encoder, e.g. CNN baselines)."""
     g = torch.Generator().manual_seed(seed)
     wav = 0.1 * torch.randn(2, 32000, generator=g)
     pad = torch.zeros(2, 32000, dtype=torch.bool)
     pad[1, 20800:] = True
     wav[pad] = 0.0
+    if not hasattr(a, "features"):
+        return float((a(wav, pad) - b(wav, pad)).abs().max())
     oa, ob = a.features(wav, pad), b.features(wav, pad)
     diffs = [(oa.tokens - ob.tokens).abs().max()]
     if oa.cls is not None and ob.cls is not None:
@@ -116,20 +114,18 @@ def compare_outputs(a: torch.nn.Module, b: torch.nn.Module, seed: int = 0) -> fl
 
 
 def _describe(model) -> list[str]:
-    enc = model.encoder_cfg
     n_params = sum(p.numel() for p in model.parameters())
-    if model.model_type == "beats":
-        size = f"{enc.encoder_layers} layers x {enc.encoder_embed_dim}, {enc.encoder_attention_heads} heads"
-    else:
-        size = f"{enc.depth} blocks x {enc.embed_dim}, {enc.num_heads} heads, max {enc.max_length * enc.patch_size / 100:.1f} s"
-    lines = [f"  model       {model.model_type} ({size}), {n_params / 1e6:.1f}M parameters"]
-    if model.head_cfg is None:
-        lines.append("  head        none (encoder only: embeddings / features)")
-    else:
-        kind = "multi-label" if model.multi_label else "single-label"
+    lines = [f"  model       {model.describe()}, {n_params / 1e6:.1f}M parameters"]
+    head_cfg = getattr(model, "head_cfg", None)
+    kind = "multi-label" if model.multi_label else "single-label"
+    if head_cfg is not None:
         lines.append(
-            f"  head        {model.head_cfg.pooling} pooling, {model.head_cfg.num_classes} classes ({kind})"
+            f"  head        {head_cfg.pooling} pooling, {head_cfg.num_classes} classes ({kind})"
         )
+    elif getattr(model, "class_names", None) and not hasattr(model, "encoder"):
+        lines.append(f"  classes     {len(model.class_names)} ({kind})")
+    else:
+        lines.append("  head        none (encoder only: embeddings / features)")
     fe = model.frontend_cfg
     stats = fe.normalisation()
     norm = f", mean {stats[0]}, std {stats[1]}" if stats else ""
@@ -155,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
         model = load_model(src, config=opts.config, ema=opts.ema)
         bar.update()
         if names is not None:
-            if model.head_cfg is None:
+            if getattr(model, "head_cfg", None) is None:
                 raise ConfigError(f"--class_names given but {src} has no classification head")
             if len(names) != model.head_cfg.num_classes:
                 raise ConfigError(
@@ -185,8 +181,9 @@ def run(args: argparse.Namespace) -> int:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-    fmt = model.provenance.get("source_format", kind)
-    print(f"converted {src} ({SOURCE_NAMES.get(fmt, fmt)}) -> {dst}")
+    fmt = model.provenance.get("source_format")
+    what = registry.get_format(fmt).description if fmt else "bioaudio export"
+    print(f"converted {src} ({what}) -> {dst}")
     for line in _describe(model):
         print(line)
     if diff is not None:

@@ -39,7 +39,7 @@ class AudioModel(nn.Module):
         frontend: FrontendConfig | None = None,
         head: HeadConfig | None = None,
         class_names: Sequence[str] | None = None,
-        multi_label: bool = True,
+        multi_label: bool = False,
     ):
         super().__init__()
         self.frontend_cfg = frontend or FrontendConfig.official(
@@ -68,6 +68,26 @@ class AudioModel(nn.Module):
     def has_cls(self) -> bool:
         """True when the encoder produces a CLS vector (EAT; BEATs only with cls_token)."""
         return bool(self.encoder.has_cls)
+
+    def describe(self) -> str:
+        """One line: model type and encoder size."""
+        return f"{self.model_type} ({self.encoder.describe()})"
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameters exempt from weight decay: the encoder's tokens and position parameters
+        (biases and norms are exempt by shape; see bioaudio.training.optim)."""
+        return {f"encoder.{n}" for n in self.encoder.no_weight_decay()}
+
+    @property
+    def num_layers(self) -> int:
+        """Transformer blocks of the encoder (for layer-wise learning-rate decay)."""
+        return int(self.encoder.num_layers)
+
+    def layer_id(self, name: str) -> int:
+        """Layer of a parameter: 0 embeddings, 1..L encoder blocks, L + 1 the head."""
+        if name.startswith("encoder."):
+            return int(self.encoder.layer_id(name[len("encoder.") :]))
+        return self.num_layers + 1
 
     def set_head(
         self,
@@ -127,7 +147,7 @@ class AudioModel(nn.Module):
             frontend=config.get("frontend"),
             head=config.get("head"),
             class_names=config.get("class_names") or None,
-            multi_label=config.get("multi_label", True),
+            multi_label=bool(config.get("multi_label", False)),
         )
 
     # ----- computation --------------------------------------------------------------------
@@ -202,7 +222,7 @@ def build_model(
     frontend: FrontendConfig | dict | None = None,
     head: HeadConfig | dict | None = None,
     class_names: Sequence[str] | None = None,
-    multi_label: bool = True,
+    multi_label: bool = False,
 ) -> AudioModel:
     """A model with fresh weights: `encoder` is a preset name, a dict or a config dataclass;
     `frontend` defaults to the model type's official preprocessing."""

@@ -24,6 +24,7 @@ from __future__ import annotations
 import _compat_pickle
 import collections
 import datetime
+import importlib
 import io
 import json
 import os
@@ -40,6 +41,7 @@ from typing import Any
 import torch
 
 from bioaudio.errors import CheckpointError, ConfigError
+from bioaudio.models import registry
 
 EXPORT_FORMAT = "bioaudio.export"
 EXPORT_VERSION = 1
@@ -425,16 +427,12 @@ def is_export_dir(path: Path) -> bool:
 
 
 def load_export(path: str | Path) -> Any:
-    """Load one of our export folders -> AudioModel (eval mode)."""
-    from bioaudio.models.audio_model import AudioModel
-
+    """Load one of our export folders -> its model (eval mode), rebuilt by the model type's
+    registered class (an AudioModel subclass, a BaselineClassifier, ...)."""
     p = Path(path)
     cfg = read_export_config(p)
-    if cfg.get("model_type") == "baseline":  # a CNN baseline (frontend + CNN), bioaudio.classify
-        from bioaudio.models.baselines import BaselineClassifier as cls
-    else:
-        cls = AudioModel
     try:
+        cls = registry.wrapper_class(str(cfg.get("model_type")))
         model = cls.from_config(cfg)
     except ConfigError as e:
         raise CheckpointError(f"{p / CONFIG_FILE}: {e}") from e
@@ -535,8 +533,9 @@ def detect_format(
 ) -> tuple[str, Path, Path | None]:
     """(kind, weights file or folder, config file) for a checkpoint path.
 
-    kind is "export", "eat_hf" or "torch" (an official BEATs / EAT fairseq pickle, told apart
-    by its content when read). Raises CheckpointError for anything else.
+    kind is "export", "hf" (a Hugging Face folder or .safetensors with its config.json) or "torch"
+    (a PyTorch pickle; the registered formats tell its content apart when read). Raises
+    CheckpointError for anything else.
     """
     p = Path(path)
     _check_file(p)
@@ -550,7 +549,7 @@ def detect_format(
         cfg = Path(config) if config else p / CONFIG_FILE
         for name in (WEIGHTS_FILE, "pytorch_model.bin"):
             if (p / name).is_file() and cfg.is_file():
-                return "eat_hf", p / name, cfg
+                return "hf", p / name, cfg
         raise CheckpointError(f"{p}: folder holds no checkpoint bioaudio can read ({expected})")
     if is_safetensors(p):
         cfg = Path(config) if config else _config_beside(p)
@@ -561,12 +560,64 @@ def detect_format(
                 f"{p}: a safetensors file without its config.json (put it beside the file or "
                 "pass --config)"
             )
-        return "eat_hf", p, cfg
+        return "hf", p, cfg
     with open(p, "rb") as f:
         magic = f.read(2)
     if magic[:2] == b"PK" or magic[:1] == b"\x80":
         return "torch", p, None
     raise CheckpointError(f"{p}: not a checkpoint format bioaudio can read ({expected})")
+
+
+def _read_hf_config(path: Path) -> dict[str, Any]:
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable config ({_first_line(e)})") from e
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{path}: config.json is not a JSON object")
+    return cfg
+
+
+def _load_official(
+    path: str | Path, config: str | Path | None, produces: str, **options: Any
+) -> tuple[Any, str]:
+    """(object, format name) of an official file through the registered formats."""
+    kind, weights, cfg = detect_format(path, config)
+    source = str(path)
+    if kind == "export":
+        raise CheckpointError(f"{source}: a bioaudio export, not an official checkpoint")
+    if kind == "hf":
+        assert cfg is not None
+        cfg_dict = _read_hf_config(cfg)
+        for spec in registry.formats(reads="hf"):
+            detect, load = registry.format_functions(spec)
+            if detect(cfg_dict):
+                if spec.produces != produces:
+                    break
+                return load(weights, cfg, source, **options), spec.name
+        raise CheckpointError(
+            f"{source}: a Hugging Face folder whose config.json no registered format knows "
+            f"(known: {', '.join(f.name for f in registry.formats(reads='hf'))})"
+        )
+    obj = read_torch_file(weights)
+    for spec in registry.formats(reads="torch"):
+        detect, load = registry.format_functions(spec)
+        if detect(obj):
+            if spec.produces != produces:
+                what = (
+                    "a tokenizer (use it with --tokenizer)"
+                    if spec.produces == "tokenizer"
+                    else "a model"
+                )
+                raise CheckpointError(
+                    f"{source}: this {spec.description} is {what}, not {produces}"
+                )
+            return load(obj, source, **options), spec.name
+    keys = list(obj)[:6] if isinstance(obj, dict) else type(obj).__name__
+    known = ", ".join(f.description for f in registry.formats(reads="torch", produces=produces))
+    raise CheckpointError(
+        f"{source}: a PyTorch file, but not a known checkpoint ({known}; top level: {keys})"
+    )
 
 
 def load_model(
@@ -576,41 +627,38 @@ def load_model(
     ema: bool = False,
     device: str | torch.device | None = None,
 ) -> Any:
-    """Load any supported checkpoint (see module doc) as an AudioModel in eval mode.
+    """Load any supported checkpoint (see module doc) as a model in eval mode.
 
-    `config`: the Hugging Face config.json of a bare EAT .safetensors file. `ema`: for an EAT
+    `config`: the Hugging Face config.json of a bare .safetensors file. `ema`: for an EAT
     fairseq pretraining checkpoint, take the EMA teacher's weights instead of the student's.
     """
-    kind, weights, cfg = detect_format(path, config)
-    source = str(path)
+    kind, weights, _ = detect_format(path, config)
     if kind == "export":
         model = load_export(weights)
-    elif kind == "eat_hf":
-        from eat.convert import load_hf
-
-        model = load_hf(weights, cfg, source)  # type: ignore[arg-type]
-        model.provenance = {"source": os.path.abspath(source), "source_format": "eat_hf"}
     else:
-        obj = read_torch_file(weights)
-        from beats.convert import is_official_checkpoint, load_official
-        from eat.convert import is_fairseq_checkpoint, load_fairseq
-
-        if is_official_checkpoint(obj):
-            model, fmt = load_official(obj, source), "beats_official"
-        elif is_fairseq_checkpoint(obj):
-            model, fmt = load_fairseq(obj, source, ema=ema), "eat_fairseq"
-        else:
-            keys = list(obj)[:6] if isinstance(obj, dict) else type(obj).__name__
-            raise CheckpointError(
-                f"{source}: a PyTorch file, but neither an official BEATs nor an EAT fairseq "
-                f"checkpoint (top level: {keys})"
-            )
-        model.provenance = {"source": os.path.abspath(source), "source_format": fmt}
+        model, fmt = _load_official(path, config, "model", ema=ema)
+        model.provenance = {"source": os.path.abspath(str(path)), "source_format": fmt}
         if ema:
             model.provenance["weights"] = "ema_teacher"
     if device is not None:
         model.to(device)
     return model.eval()
+
+
+def load_tokenizer(path: str | Path, device: str | torch.device | None = None) -> Any:
+    """Load a tokenizer: an official file of a registered tokenizer format, or a tokenizer
+    folder saved by this toolkit (`tokenizer.safetensors` + `config.json`)."""
+    p = Path(path)
+    _check_file(p)
+    if p.is_dir() and (p / "tokenizer.safetensors").is_file():
+        spec = registry.get_format("beats_tokenizer")
+        module = importlib.import_module(spec.module)
+        tok = module.load_tokenizer(p)
+    else:
+        tok, _ = _load_official(p, None, "tokenizer")
+    if device is not None:
+        tok.to(device)
+    return tok.eval()
 
 
 def export_classifier(

@@ -165,3 +165,78 @@ def run_layer(layer: Callable[..., torch.Tensor], use_checkpoint: bool, *args: A
     if use_checkpoint and torch.is_grad_enabled():
         return checkpoint(layer, *args, use_reentrant=False)
     return layer(*args)
+
+
+class Encoder(nn.Module):
+    """The skeleton both transformer encoders share (the uniform encoder API).
+
+    Subclasses set `cfg` and `embed_dim`, implement `_run(fbank, padding_mask, keep, layers)`
+    (appending every block's output to `layers` when it is a list), `num_layers`, `layer_id`
+    and `describe`, and list their token / position parameters in `NO_WEIGHT_DECAY`.
+    """
+
+    embed_dim: int
+    NO_WEIGHT_DECAY: tuple[str, ...] = ()
+
+    def forward(
+        self,
+        fbank: torch.Tensor,
+        padding_mask: torch.Tensor | None = None,
+        keep: torch.Tensor | None = None,
+    ) -> EncoderOutput:
+        """fbank (B, T, F), frame padding (B, T) True=pad, keep (B, N) True=visible token."""
+        return self._run(fbank, padding_mask, keep, None)
+
+    def forward_layers(
+        self,
+        fbank: torch.Tensor,
+        padding_mask: torch.Tensor | None = None,
+        keep: torch.Tensor | None = None,
+    ) -> tuple[EncoderOutput, list[torch.Tensor]]:
+        """Like forward, plus every block's output (B, [1 +] N', D), the CLS token first when
+        the encoder has one (distillation targets, layer-wise probing and embeddings)."""
+        layers: list[torch.Tensor] = []
+        return self._run(fbank, padding_mask, keep, layers), layers
+
+    def _run(
+        self,
+        fbank: torch.Tensor,
+        padding_mask: torch.Tensor | None,
+        keep: torch.Tensor | None,
+        layers: list[torch.Tensor] | None,
+    ) -> EncoderOutput:
+        raise NotImplementedError
+
+    @property
+    def num_layers(self) -> int:
+        raise NotImplementedError
+
+    def layer_id(self, name: str) -> int:
+        """0 for embeddings (patches, positions, tokens, input norms), i + 1 for a parameter
+        of block i (`<blocks>.<i>.` in its name), num_layers + 1 for anything after them."""
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        raise NotImplementedError
+
+    def no_weight_decay(self) -> set[str]:
+        """Tokens, position tables and gates: exempt from weight decay (timm convention)."""
+        own = [n for n, _ in self.named_parameters()]
+        return {n for n in own if any(_match(n, p) for p in self.NO_WEIGHT_DECAY)}
+
+
+def _match(name: str, pattern: str) -> bool:
+    """`pattern` with `*` standing for one dotted component (e.g. `layers.*.grep_a`)."""
+    parts, pats = name.split("."), pattern.split(".")
+    return len(parts) == len(pats) and all(q == "*" or q == p for p, q in zip(parts, pats))
+
+
+def block_layer_id(name: str, blocks: str, num_layers: int, before: tuple[str, ...]) -> int:
+    """Shared `layer_id` rule: `<blocks>.<i>.*` -> i + 1; names starting with one of `before`
+    -> 0; anything else -> num_layers + 1."""
+    prefix = blocks + "."
+    if name.startswith(prefix):
+        return int(name[len(prefix) :].split(".", 1)[0]) + 1
+    if name.startswith(before):
+        return 0
+    return num_layers + 1
