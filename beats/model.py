@@ -389,13 +389,6 @@ def _or(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
 class BEATsEncoder(Encoder):
     """BEATs: fbank (B, T, F) [+ frame padding mask, + keep mask] -> EncoderOutput."""
 
-    NO_WEIGHT_DECAY = (
-        "cls_token",
-        "encoder.relative_attention_bias.weight",  # a table of position biases
-        "encoder.layers.*.self_attn.grep_a",  # position-bias gates
-        "encoder.pos_conv.0.parametrizations.weight.original0",  # weight-norm scale g
-    )
-
     def __init__(self, cfg: BEATsConfig):
         super().__init__()
         cfg.validate()
@@ -422,6 +415,16 @@ class BEATsEncoder(Encoder):
     @property
     def num_layers(self) -> int:
         return self.cfg.encoder_layers
+
+    def no_weight_decay(self) -> set[str]:
+        """The CLS token, the relative-position bias table and its gates, and the weight-norm
+        scale of the positional convolution."""
+        return self.parameter_names(
+            "cls_token",
+            "encoder.relative_attention_bias.weight",
+            "encoder.layers.*.self_attn.grep_a",
+            "encoder.pos_conv.0.parametrizations.weight.original0",
+        )
 
     def layer_id(self, name: str) -> int:
         before = ["patch_embedding", "layer_norm", "post_extract_proj", "cls_token"]

@@ -168,8 +168,6 @@ class EATBlock(nn.Module):
 class EATEncoder(Encoder):
     """EAT: fbank (B, T, F) [+ frame padding mask, + keep mask] -> EncoderOutput with CLS."""
 
-    NO_WEIGHT_DECAY = ("extra_tokens",)  # the positions are a fixed buffer
-
     def __init__(self, cfg: EATConfig):
         super().__init__()
         cfg.validate()
@@ -204,6 +202,10 @@ class EATEncoder(Encoder):
     @property
     def num_layers(self) -> int:
         return self.cfg.depth
+
+    def no_weight_decay(self) -> set[str]:
+        """The CLS token (the sin-cos positions are a buffer, never optimised)."""
+        return {"extra_tokens"}
 
     def layer_id(self, name: str) -> int:
         return block_layer_id(

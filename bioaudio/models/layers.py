@@ -171,12 +171,11 @@ class Encoder(nn.Module):
     """The skeleton both transformer encoders share (the uniform encoder API).
 
     Subclasses set `cfg` and `embed_dim`, implement `_run(fbank, padding_mask, keep, layers)`
-    (appending every block's output to `layers` when it is a list), `num_layers`, `layer_id`
-    and `describe`, and list their token / position parameters in `NO_WEIGHT_DECAY`.
+    (appending every block's output to `layers` when it is a list), `num_layers`, `layer_id`,
+    `describe` and `no_weight_decay` (their token / position parameters).
     """
 
     embed_dim: int
-    NO_WEIGHT_DECAY: tuple[str, ...] = ()
 
     def forward(
         self,
@@ -221,14 +220,17 @@ class Encoder(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         """Tokens, position tables and gates: exempt from weight decay (timm convention)."""
-        own = [n for n, _ in self.named_parameters()]
-        return {n for n in own if any(_match(n, p) for p in self.NO_WEIGHT_DECAY)}
+        raise NotImplementedError
 
+    def parameter_names(self, *patterns: str) -> set[str]:
+        """Names of own parameters matching any pattern, `*` standing for one dotted component
+        (e.g. `encoder.layers.*.self_attn.grep_a`)."""
 
-def _match(name: str, pattern: str) -> bool:
-    """`pattern` with `*` standing for one dotted component (e.g. `layers.*.grep_a`)."""
-    parts, pats = name.split("."), pattern.split(".")
-    return len(parts) == len(pats) and all(q == "*" or q == p for p, q in zip(parts, pats))
+        def match(name: str, pattern: str) -> bool:
+            parts, pats = name.split("."), pattern.split(".")
+            return len(parts) == len(pats) and all(q in ("*", p) for p, q in zip(parts, pats))
+
+        return {n for n, _ in self.named_parameters() if any(match(n, q) for q in patterns)}
 
 
 def block_layer_id(name: str, blocks: str, num_layers: int, before: tuple[str, ...]) -> int:
