@@ -85,11 +85,13 @@ KEY_MAP: list[tuple[str, str]] = [
 
 
 def is_official_checkpoint(obj: Any) -> bool:
-    """True for an official BEATs checkpoint dict."""
+    """True for an official BEATs model checkpoint dict (not a tokenizer: those have a
+    `quantize` codebook, see beats/tokenizer.py)."""
     return (
         isinstance(obj, dict)
         and isinstance(obj.get("model"), dict)
         and "patch_embedding.weight" in obj["model"]
+        and not any(str(k).startswith("quantize") for k in obj["model"])
     )
 
 

@@ -36,6 +36,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "features": ("bioaudio.commands.features", "precompute frontend features into a cache"),
     "preview": ("bioaudio.commands.preview", "grid PNG of spectrograms per class"),
     "train-baseline": ("bioaudio.commands.train_baseline", "train CNN baselines over seeds"),
+    "pretrain": (
+        "bioaudio.commands.pretrain",
+        "self-supervised pretraining of an EAT / BEATs encoder on unlabelled audio",
+    ),
     "infer": ("bioaudio.commands.infer", "classify a file or a folder with a trained model"),
     "convert": (
         "bioaudio.commands.convert",

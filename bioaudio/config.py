@@ -264,12 +264,3 @@ def config_from_args(cls: type[T], ns: argparse.Namespace, *, skip: tuple[str, .
     if "config" in field_names and "config" in vars(ns):
         flat["config"] = ns.config
     return from_dict(cls, _merge(data, _nest(flat)), where="options")
-
-
-def save_json_atomic(path: str | Path, data: Any) -> None:
-    """Write JSON through a temporary file and a rename, so readers never see half a file."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    tmp.replace(p)

@@ -208,6 +208,47 @@ def test_csv_layout_missing_files_are_skipped(tmp_path: Path, capsys) -> None:
     assert "layout: csv" in out and "1 audio file(s)" in out and "not listed" in out
 
 
+def test_csv_extra_columns_are_kept_and_its_split_is_used(tmp_path: Path, capsys) -> None:
+    """A dataset's own split / fold / site columns survive `prepare` (a clash with a manifest
+    column gets a csv_ prefix), and train-baseline uses that split as it is."""
+    from test_classify import reset_accelerate
+
+    root = tmp_path / "set"
+    rows = ["filename,labels,split,fold,site,duration"]
+    for i in range(12):
+        cls = "owl" if i % 2 else "frog"
+        write(root / f"{cls}_{i}.wav", seed=i)
+        split = "train" if i < 8 else ("val" if i < 10 else "test")
+        rows.append(f"{cls}_{i}.wav,{cls},{split},{i % 3},site{i % 2},unknown")
+    (root / "labels.csv").write_text("\n".join(rows) + "\n")
+    code, out, err = cli(capsys, str(root))
+    assert code == 0, err
+    assert "split, fold, site, csv_duration" in out
+    df = read_manifest(root / "manifest.csv")
+    names = [Path(p).name for p in df["path"]]
+    assert df["split"].tolist() == [
+        "train" if int(n.split("_")[1][:-4]) < 8 else "val" if int(n.split("_")[1][:-4]) < 10
+        else "test" for n in names
+    ]  # fmt: skip
+    assert df["fold"].tolist() == [int(n.split("_")[1][:-4]) % 3 for n in names]
+    assert set(df["site"]) == {"site0", "site1"} and set(df["csv_duration"]) == {"unknown"}
+    assert (df["duration"] > 0).all()  # the manifest's own column is untouched
+
+    reset_accelerate()
+    out_dir = tmp_path / "run"
+    code = main(["train-baseline", str(root / "manifest.csv"), "--out", str(out_dir),
+                 "--max_steps", "2", "--batch_size", "4", "--num_workers", "0", "--no-progress",
+                 "--clip_seconds", "0.5", "--n_mels", "16", "--n_fft", "256",
+                 "--hop_length", "160"])  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "splits from the manifest's 'split' column" in captured.out
+    tested = pd.read_csv(out_dir / "seed_42" / "test_predictions.csv")["path"]
+    assert sorted(Path(p).name for p in tested) == sorted(
+        n for n in names if int(n.split("_")[1][:-4]) >= 10
+    )
+
+
 def test_csv_layout_all_missing_is_an_error(tmp_path: Path, capsys) -> None:
     root = tmp_path / "set"
     write(root / "x.wav")

@@ -295,30 +295,42 @@ def _command(manifest: Path, out: Path, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
+# Runs the CLI in a child process that SIGKILLs itself right after the state of step KILL_AT
+# is complete: the kill lands at a known point, whatever the machine's speed (no race with the
+# child finishing first).
+KILL_AFTER_STATE = """
+import os, signal, sys
+from bioaudio.training import loop
+save = loop.Trainer._save_state
+def save_then_die(self):
+    path = save(self)
+    if self.step == int(os.environ["KILL_AT"]):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return path
+loop.Trainer._save_state = save_then_die
+from bioaudio.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def test_resume_after_sigkill_matches_an_uninterrupted_run(tones, tmp_path, capsys):
     straight = tmp_path / "straight"
     assert cli(capsys, *_command(tones, straight))[0] == 0
 
     killed = tmp_path / "killed"
     run = killed / "seed_11"
-    proc_args = [sys.executable, "-m", "bioaudio", "train-baseline", *_command(tones, killed)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # as this process (one_thread)
-    with open(tmp_path / "log.txt", "w") as log:
-        proc = subprocess.Popen(proc_args, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
-        deadline = time.time() + 180
-        while time.time() < deadline and proc.poll() is None:
-            if (run / "state" / "step_10" / "COMPLETE").is_file():
-                break
-            time.sleep(0.005)
-        assert proc.poll() is None, (tmp_path / "log.txt").read_text()[-2000:]
-        proc.send_signal(signal.SIGKILL)
-        assert proc.wait(timeout=30) == -signal.SIGKILL
+    proc_args = [sys.executable, "-c", KILL_AFTER_STATE, "train-baseline",
+                 *_command(tones, killed)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "KILL_AT": "10"}  # as this process (one_thread)
+    proc = subprocess.run(proc_args, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert (run / "state" / "step_10" / "COMPLETE").is_file()
     assert not (run / "export").exists() and not (run / "test_metrics.json").exists()
 
     code, stdout, err = cli(capsys, *_command(tones, killed))
     assert code == 0, err
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["resumed_from"] and summary["steps"] == 30
+    assert summary["resumed_from"].endswith("step_10") and summary["steps"] == 30
     ref, got = weights(straight / "seed_11"), weights(run)
     for k in ref:
         torch.testing.assert_close(got[k], ref[k], atol=1e-6, rtol=0, msg=k)
@@ -347,9 +359,20 @@ def test_two_processes_match_one_process(tones, tmp_path, capsys):
     s1 = json.loads((one / "seed_11" / "summary.json").read_text())
     s2 = json.loads((two / "seed_11" / "summary.json").read_text())
     assert s2["num_processes"] == 2 and s1["num_processes"] == 1
+    # The noise floor of this machine: the same global batch in one process, summed in another
+    # order (two accumulated micro-batches, as two processes sum it). Adam turns such rounding
+    # differences in near-zero gradients into lr-sized weight differences on some CPUs, so two
+    # processes must agree with one process as closely as a reordered one process does.
+    floor_dir = tmp_path / "reordered"
+    cmd_floor = _command(tones, floor_dir, "--grad_accum", "2")
+    cmd_floor[cmd_floor.index("--max_steps") : cmd_floor.index("--max_steps") + 2] = extra[:2]
+    assert cli(capsys, *cmd_floor)[0] == 0
     w1, w2 = weights(one / "seed_11"), weights(two / "seed_11")
+    w_floor = weights(floor_dir / "seed_11")
     for k in w1:
-        torch.testing.assert_close(w2[k], w1[k], atol=1e-5, rtol=1e-4, msg=k)
+        floor = float((w_floor[k] - w1[k]).abs().max())
+        diff = float((w2[k] - w1[k]).abs().max())
+        assert diff <= 10 * floor + 1e-6, (k, diff, floor)
     t1 = json.loads((one / "seed_11" / "test_metrics.json").read_text())
     t2 = json.loads((two / "seed_11" / "test_metrics.json").read_text())
     assert t1["n"] == t2["n"] and t1["accuracy"] == t2["accuracy"]

@@ -26,10 +26,9 @@ import torch
 from bioaudio.config import add_dataclass_args, config_from_args
 from bioaudio.data.datasets import AudioDataset
 from bioaudio.data.frontend import (
-    FrontendConfig,
     FrontendKind,
+    FrontendOptions,
     build_frontend,
-    frontend_from_options,
 )
 from bioaudio.data.manifest import class_names_of, read_manifest, split_labels
 from bioaudio.errors import AudioDecodeError, ConfigError, DataError
@@ -39,7 +38,7 @@ NO_LABEL = "(no label)"
 
 
 @dataclass
-class PreviewConfig:
+class PreviewConfig(FrontendOptions):
     """Options of `bioaudio preview`."""
 
     n: int = field(default=4, metadata={"help": "clips per class (columns of the grid)"})
@@ -61,14 +60,6 @@ class PreviewConfig:
     frontend: FrontendKind = field(
         default="logmel", metadata={"help": "logmel | beats_fbank | eat_fbank | stft | mfcc"}
     )
-    sample_rate: int = field(default=16000, metadata={"help": "sample rate of the features (Hz)"})
-    n_mels: int = field(default=FrontendConfig.n_mels, metadata={"help": "mel bins"})
-    n_fft: int = field(
-        default=FrontendConfig.n_fft, metadata={"help": "FFT size (logmel/stft/mfcc)"}
-    )
-    hop_length: int = field(
-        default=FrontendConfig.hop_length, metadata={"help": "hop in samples (logmel/stft/mfcc)"}
-    )
 
     def validate(self) -> None:
         if self.n < 1:
@@ -79,12 +70,7 @@ class PreviewConfig:
             raise ConfigError(f"--seconds must be > 0, got {self.seconds}")
         if self.out.suffix.lower() != ".png":
             raise ConfigError(f"--out {self.out}: the preview is a PNG; name it *.png")
-        for name in ("sample_rate", "n_mels", "n_fft", "hop_length"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name} must be >= 1, got {getattr(self, name)}")
-
-    def frontend_config(self) -> FrontendConfig:
-        return frontend_from_options(self)
+        self.validate_frontend()
 
 
 @dataclass

@@ -456,18 +456,21 @@ class StreamingAudioDataset(IterableDataset):
     given, to collect the label set (memory proportional to the number of classes).
 
     Sharding: rows (after dropping segments shorter than `min_seconds`) are numbered in file
-    order; row i goes to rank i % world_size, and within a rank to DataLoader worker
-    (i // world_size) % num_workers. Rank and world size come from the arguments, else from
-    torch.distributed when it is initialised (read when iteration starts). With `even_shards`
-    every rank yields exactly N // world_size rows (the last < world_size rows of the file are
-    dropped) so distributed training never waits on a rank with one batch more; turn it off for
-    evaluation. Do not also let `accelerate` shard this dataset (`accelerator.prepare` on its
-    DataLoader would split it again): build the DataLoader directly and move batches yourself.
+    order; row i goes to rank i % world_size. Rank and world size come from the arguments, else
+    from torch.distributed when it is initialised (read when iteration starts). With
+    `even_shards` every rank yields exactly N // world_size rows (the last < world_size rows of
+    the file are dropped) so distributed training never waits on a rank with one batch more;
+    turn it off for evaluation. Do not also let `accelerate` shard this dataset
+    (`accelerator.prepare` on its DataLoader would split it again): the Trainer builds the
+    DataLoader itself and every process keeps all of its own items.
 
-    Shuffling (default in training): a seeded buffer per (seed, epoch, rank, worker) gives a
-    local shuffle; a manifest sorted by class should be shuffled once on disk
-    (`bioaudio split` keeps row order). Items, crops and augmentations are the same as
-    `AudioDataset` at the same seed and epoch, keyed by the global row number.
+    Order: a rank's rows are put in one order per (seed, epoch, rank) (a seeded shuffle buffer
+    in training; a manifest sorted by class should be shuffled once on disk, as `bioaudio split`
+    keeps row order), and position j of that order goes to DataLoader worker j % num_workers.
+    The DataLoader takes workers in turn, so it yields the rank's order whatever the number of
+    workers. `set_position(n)` makes the next iteration start at position n without decoding
+    the n items before it (exact resume of a stream). Items, crops and augmentations are the
+    same as `AudioDataset` at the same seed and epoch, keyed by the global row number.
     """
 
     def __init__(
@@ -536,6 +539,7 @@ class StreamingAudioDataset(IterableDataset):
         self.skip_errors = skip_errors
         self.n_skipped = 0
         self._epoch = _SharedEpoch()
+        self._position = 0
 
     @property
     def class_names(self) -> list[str]:
@@ -553,6 +557,13 @@ class StreamingAudioDataset(IterableDataset):
         """Select the epoch: shuffle order, crops and augmentations change with it."""
         self._epoch.set(epoch)
 
+    def set_position(self, position: int) -> None:
+        """Start the next iteration at item `position` of this rank's epoch order (the items
+        before it are not read or decoded)."""
+        if position < 0:
+            raise ValueError(f"position must be >= 0, got {position}")
+        self._position = int(position)
+
     def _rank_world(self) -> tuple[int, int]:
         if self.world_size is not None:
             return int(self.rank), int(self.world_size)  # type: ignore[arg-type]
@@ -565,31 +576,26 @@ class StreamingAudioDataset(IterableDataset):
             return self.n_rows // world
         return len(range(rank, self.n_rows, world))
 
-    def _my_rows(self) -> Iterator[tuple[int, str, float, float, str]]:
+    def _rank_rows(self) -> Iterator[tuple[int, str, float, float, str]]:
+        """(global row number, path, start, end, labels) of this rank's rows, in file order."""
         rank, world = self._rank_world()
-        info = get_worker_info()
-        worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         limit = self.n_rows // world if self.even_shards else math.inf
         i = -1
         for path, start, end, labels in _iter_manifest_rows(self.manifest_path):
             if end - start < self.min_seconds:
                 continue  # the same filter as the counting pass, so numbering agrees
             i += 1
-            local = i // world  # position among this rank's rows
             if i % world != rank:
                 continue
-            if local >= limit:
+            if i // world >= limit:  # position among this rank's rows
                 break
-            if local % n_workers == worker:
-                yield i, path, start, end, labels
+            yield i, path, start, end, labels
 
     def _shuffled(
         self, rows: Iterator[tuple[int, str, float, float, str]]
     ) -> Iterator[tuple[int, str, float, float, str]]:
         rank, _ = self._rank_world()
-        info = get_worker_info()
-        worker = info.id if info is not None else 0
-        rng = np.random.default_rng([self.seed & 0xFFFFFFFF, self.epoch, rank, worker, 2])
+        rng = np.random.default_rng([self.seed & 0xFFFFFFFF, self.epoch, rank, 2])
         buf: list[tuple[int, str, float, float, str]] = []
         for row in rows:
             if len(buf) < self.shuffle_buffer:
@@ -602,12 +608,16 @@ class StreamingAudioDataset(IterableDataset):
         yield from buf
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        rows = self._my_rows()
+        rows = self._rank_rows()
         if self.shuffle:
             rows = self._shuffled(rows)
-        epoch = self.epoch
+        info = get_worker_info()
+        worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        epoch, first = self.epoch, self._position
         lookup, multi = self.reader.lookup, self.reader.multi_label
-        for i, path, start, end, labels in rows:
+        for pos, (i, path, start, end, labels) in enumerate(rows):
+            if pos < first or pos % n_workers != worker:
+                continue  # before the resume position, or another worker's item: not decoded
             where = f"{self.manifest_path} row {i} ({path})"
             label_idx = _label_indices(labels, lookup, multi, where) if lookup else ()
             try:

@@ -61,9 +61,8 @@ from bioaudio.data.datasets import (
 )
 from bioaudio.data.frontend import (
     FrontendConfig,
-    FrontendKind,
+    FrontendOptions,
     build_frontend,
-    frontend_from_options,
 )
 from bioaudio.data.manifest import read_manifest
 from bioaudio.data.stats import apply_stats, resolve_stats
@@ -116,29 +115,12 @@ def _version() -> str:
 
 
 @dataclass
-class FeaturesConfig:
+class FeaturesConfig(FrontendOptions):
     """Options of `bioaudio features` (and of `build_cache`)."""
 
     out: Path | None = field(
         default=None,
         metadata={"help": "cache directory; unset: features/<manifest>-<frontend> beside it"},
-    )
-    frontend: FrontendKind = field(
-        default="beats_fbank", metadata={"help": "beats_fbank | eat_fbank | logmel | stft | mfcc"}
-    )
-    sample_rate: int = field(
-        default=FrontendConfig.sample_rate, metadata={"help": "frontend sample rate (Hz)"}
-    )
-    n_mels: int = field(default=FrontendConfig.n_mels, metadata={"help": "mel bins"})
-    n_fft: int = field(
-        default=FrontendConfig.n_fft, metadata={"help": "FFT size (logmel/stft/mfcc)"}
-    )
-    hop_length: int = field(
-        default=FrontendConfig.hop_length, metadata={"help": "hop in samples (logmel/stft/mfcc)"}
-    )
-    n_mfcc: int = field(default=FrontendConfig.n_mfcc, metadata={"help": "MFCC coefficients"})
-    top_db: float = field(
-        default=FrontendConfig.top_db, metadata={"help": "dynamic range of dB frontends"}
     )
     stats: Path | None = field(
         default=None,
@@ -176,13 +158,7 @@ class FeaturesConfig:
             raise ConfigError(f"--hop must be > 0 seconds, got {self.hop}")
         if self.num_workers is not None and self.num_workers < 0:
             raise ConfigError(f"--num_workers must be >= 0, got {self.num_workers}")
-        for name in ("sample_rate", "n_mels", "n_fft", "hop_length", "n_mfcc"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name} must be >= 1, got {getattr(self, name)}")
-
-    def frontend_config(self) -> FrontendConfig:
-        """The frontend whose features are cached (statistics are added by `build_cache`)."""
-        return frontend_from_options(self)
+        self.validate_frontend()
 
     @property
     def effective_hop(self) -> float | None:

@@ -17,6 +17,9 @@ import torch
 import torch.nn as nn
 import torchaudio
 
+from bioaudio.data.fbank import KaldiFbankOptions, kaldi_fbank_batch
+from bioaudio.errors import ConfigError
+
 FrontendKind = Literal["beats_fbank", "eat_fbank", "logmel", "stft", "mfcc"]
 
 # Official normalisation constants (../shared/fixtures/official/preprocess_constants.json):
@@ -85,15 +88,61 @@ class FrontendConfig:
         return OFFICIAL_STATS.get(self.kind)
 
 
-# Fields an options dataclass may repeat as flat flags (`--frontend logmel --n_mels 64`).
-FLAT_OPTIONS = ("sample_rate", "n_mels", "n_fft", "hop_length", "n_mfcc", "top_db")
+# Largest FFT accepted from a flag: 2**16 samples is 4 s at 16 kHz, far beyond any useful window,
+# and keeps a typo from allocating terabytes.
+MAX_N_FFT = 1 << 16
 
 
-def frontend_from_options(options: object) -> FrontendConfig:
-    """A FrontendConfig from a command's flat options: `options.frontend` is the kind, and any of
-    FLAT_OPTIONS the options define are copied (the others keep their defaults)."""
-    values = {n: getattr(options, n) for n in FLAT_OPTIONS if hasattr(options, n)}
-    return FrontendConfig(kind=options.frontend, **values)  # type: ignore[attr-defined]
+@dataclass
+class FrontendOptions:
+    """The frontend flags of every command that featurises (`--frontend logmel --n_mels 64`).
+
+    Commands inherit these fields; a command may re-declare `frontend` with another default."""
+
+    frontend: FrontendKind = field(
+        default="beats_fbank", metadata={"help": "beats_fbank | eat_fbank | logmel | stft | mfcc"}
+    )
+    sample_rate: int = field(
+        default=FrontendConfig.sample_rate, metadata={"help": "frontend sample rate (Hz)"}
+    )
+    n_mels: int = field(default=FrontendConfig.n_mels, metadata={"help": "mel bins"})
+    n_fft: int = field(
+        default=FrontendConfig.n_fft, metadata={"help": "FFT size (logmel / stft / mfcc)"}
+    )
+    hop_length: int = field(
+        default=FrontendConfig.hop_length,
+        metadata={"help": "hop in samples (logmel / stft / mfcc)"},
+    )
+    n_mfcc: int = field(default=FrontendConfig.n_mfcc, metadata={"help": "MFCC coefficients"})
+    top_db: float = field(
+        default=FrontendConfig.top_db, metadata={"help": "dynamic range of dB frontends"}
+    )
+
+    def validate_frontend(self) -> None:
+        """One-line ConfigError for values no frontend can use."""
+        for name in ("sample_rate", "n_mels", "n_fft", "hop_length", "n_mfcc"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"--{name} must be a positive integer, got {value!r}")
+        if self.n_fft > MAX_N_FFT:
+            raise ConfigError(f"--n_fft {self.n_fft} is larger than {MAX_N_FFT} samples")
+        if not 8000 <= self.sample_rate <= 500_000:
+            raise ConfigError(f"--sample_rate must be in [8000, 500000] Hz, got {self.sample_rate}")
+        if not (isinstance(self.top_db, (int, float)) and 0 < self.top_db < float("inf")):
+            raise ConfigError(f"--top_db must be a positive number of dB, got {self.top_db!r}")
+
+    def frontend_config(self) -> FrontendConfig:
+        """The FrontendConfig these flags describe (validated)."""
+        self.validate_frontend()
+        return FrontendConfig(
+            kind=self.frontend,
+            sample_rate=self.sample_rate,
+            n_mels=self.n_mels,
+            n_fft=self.n_fft,
+            hop_length=self.hop_length,
+            n_mfcc=self.n_mfcc,
+            top_db=float(self.top_db),
+        )
 
 
 def valid_lengths(wav: torch.Tensor, padding_mask: torch.Tensor | None) -> torch.Tensor:
@@ -127,24 +176,34 @@ class Frontend(nn.Module):
     def forward(self, wav: torch.Tensor, padding_mask: torch.Tensor | None = None):
         return self._run(wav, padding_mask, normalise=True)
 
+    def batch_features(
+        self, wav: torch.Tensor, lengths: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, S) float32 and (B,) valid samples -> un-normalised (B, T, F) features, zero
+        beyond each clip's frames, and (B,) frames. Default: `clip_features` clip by clip."""
+        feats = [self.clip_features(wav[b, : int(lengths[b])]) for b in range(wav.shape[0])]
+        frames = torch.tensor([f.shape[0] for f in feats], device=wav.device)
+        out = wav.new_zeros(len(feats), int(frames.max()), self.cfg.n_features)
+        for b, f in enumerate(feats):
+            out[b, : f.shape[0]] = f
+        return out, frames
+
     def _run(self, wav: torch.Tensor, padding_mask: torch.Tensor | None, normalise: bool):
         if wav.dim() == 1:
             wav = wav[None]
         with torch.autocast(device_type=wav.device.type, enabled=False):
             wav = wav.float()
             lengths = valid_lengths(wav, padding_mask)
-            feats = [self.clip_features(wav[b, : int(lengths[b])]) for b in range(wav.shape[0])]
+            out, frames = self.batch_features(wav, lengths)  # rows beyond `frames` are zero
             pad_to = self.cfg.pad_to_multiple
             if pad_to > 1:  # official EAT: zero frames appended before normalisation, valid input
-                feats = [nn.functional.pad(f, (0, 0, 0, (-f.shape[0]) % pad_to)) for f in feats]
-            if self.cfg.target_frames:
+                frames = frames + (-frames) % pad_to
+            if self.cfg.target_frames:  # every clip cropped or zero-padded to n frames
                 n = self.cfg.target_frames
-                feats = [nn.functional.pad(f[:n], (0, 0, 0, n - min(n, f.shape[0]))) for f in feats]
-            frames = torch.tensor([f.shape[0] for f in feats], device=wav.device)
+                frames = torch.full_like(frames, n)
             t_max = int(frames.max())
-            out = wav.new_zeros(len(feats), t_max, self.cfg.n_features)
-            for b, f in enumerate(feats):
-                out[b, : f.shape[0]] = f
+            # The zero rows beyond a clip's own frames are exactly the zero padding added above.
+            out = nn.functional.pad(out[:, :t_max], (0, 0, 0, t_max - min(t_max, out.shape[1])))
             stats = self.cfg.normalisation() if normalise else None
             if stats is not None:
                 out = (out - stats[0]) / (2.0 * stats[1])
@@ -156,30 +215,26 @@ class Frontend(nn.Module):
 
 
 class KaldiFbank(Frontend):
-    """BEATs / EAT Kaldi fbank, bit-for-bit the official preprocessing (see module docstring)."""
+    """BEATs / EAT Kaldi fbank, equal to the official per-clip preprocessing (module docstring),
+    computed for the whole batch at once by `kaldi_fbank_batch`."""
+
+    def __init__(self, cfg: FrontendConfig):
+        super().__init__(cfg)
+        if cfg.kind == "beats_fbank":
+            self.options = KaldiFbankOptions.beats(cfg.n_mels, cfg.sample_rate)
+        elif cfg.kind == "eat_fbank":
+            self.options = KaldiFbankOptions.eat(cfg.n_mels, cfg.sample_rate)
+        else:
+            raise ValueError(f"not a Kaldi fbank frontend: {cfg.kind}")
+
+    def batch_features(
+        self, wav: torch.Tensor, lengths: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return kaldi_fbank_batch(wav, lengths, self.options)
 
     def clip_features(self, wav: torch.Tensor) -> torch.Tensor:
-        if wav.shape[0] < int(self.cfg.sample_rate * 0.025):  # shorter than one 25 ms frame
-            return wav.new_zeros(0, self.cfg.n_mels)
-        kaldi = torchaudio.compliance.kaldi
-        if self.cfg.kind == "beats_fbank":
-            return kaldi.fbank(
-                wav[None] * 2**15,
-                num_mel_bins=self.cfg.n_mels,
-                sample_frequency=self.cfg.sample_rate,
-                frame_length=25,
-                frame_shift=10,
-            )
-        return kaldi.fbank(
-            (wav - wav.mean())[None],
-            htk_compat=True,
-            sample_frequency=self.cfg.sample_rate,
-            use_energy=False,
-            window_type="hanning",
-            num_mel_bins=self.cfg.n_mels,
-            dither=0.0,
-            frame_shift=10,
-        )
+        lengths = torch.tensor([wav.shape[0]], device=wav.device)
+        return kaldi_fbank_batch(wav[None].float(), lengths, self.options)[0][0]
 
 
 class SpectrogramDB(Frontend):

@@ -72,10 +72,12 @@ class Annotation:
 
 
 class LabelledFile(NamedTuple):
-    """A file and its clip-level labels (an empty list is a negative / unlabelled clip)."""
+    """A file and its clip-level labels (an empty list is a negative / unlabelled clip), plus
+    the other columns of its labels.csv row (a dataset's own split, fold, site, date, ...)."""
 
     path: Path
     labels: list[str]
+    extra: dict[str, str] = {}  # noqa: RUF012 (never mutated: a fresh dict per row)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -96,8 +98,9 @@ def read_labels_csv(
 ) -> list[LabelledFile]:
     """Read `filename,labels` rows; paths resolved against the csv's folder, in file order.
 
-    A file listed twice gets the union of its labels. The file's existence is not checked here
-    (`bioaudio prepare` reports missing files in skipped.csv).
+    Other columns are kept per file in `extra` (the first non-empty value when a file is listed
+    twice). A file listed twice gets the union of its labels. The file's existence is not
+    checked here (`bioaudio prepare` reports missing files in skipped.csv).
     """
     p = Path(path)
     if not p.is_file():
@@ -117,8 +120,10 @@ def read_labels_csv(
                 f"{p}: no column {col!r} (columns: {', '.join(header)}); choose one with {flag}"
             )
     fi, li = header.index(filename_column), header.index(label_column)
+    others = [(i, c) for i, c in enumerate(header) if i not in (fi, li) and c]
     base = p.resolve().parent
     merged: dict[Path, list[str]] = {}
+    extras: dict[Path, dict[str, str]] = {}
     for lineno, row in enumerate(rows[1:], start=2):
         name = row[fi].strip() if fi < len(row) else ""
         if not name:
@@ -127,9 +132,14 @@ def read_labels_csv(
         target = _resolve_listed(base, name)
         merged.setdefault(target, [])
         merged[target] = sorted(set(merged[target]) | set(labels))
+        extra = extras.setdefault(target, {})
+        for i, col in others:
+            value = row[i].strip() if i < len(row) else ""
+            if value and not extra.get(col):
+                extra[col] = value
     if not merged:
         raise DataError(f"{p} has a header but no rows")
-    return [LabelledFile(k, v) for k, v in merged.items()]
+    return [LabelledFile(k, v, extras[k]) for k, v in merged.items()]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -402,6 +402,11 @@ class PrepareResult:
         return "\n".join(lines)
 
 
+def _extra_columns(extra: dict[str, str]) -> dict[str, str]:
+    """A labels.csv row's other columns; a name the manifest itself uses gets a `csv_` prefix."""
+    return {(f"csv_{k}" if k in COLUMNS else k): v for k, v in extra.items()}
+
+
 def _row(
     p: Path, meta: AudioInfo, root: Path, labels: list[str], source: str, start: float, end: float
 ) -> dict[str, object]:
@@ -509,6 +514,7 @@ def build_manifest(root: str | Path, config: PrepareConfig | None = None) -> Pre
     skips: dict[Path, str] = {}
     labels_of: dict[Path, list[str]] = {}
     source_of: dict[Path, str] = {}
+    extra_of: dict[Path, dict[str, str]] = {}
     anns_of: dict[Path, tuple[str, list[Annotation]]] = {}
     exts = ", ".join(sorted(AUDIO_EXTENSIONS))
 
@@ -528,6 +534,7 @@ def build_manifest(root: str | Path, config: PrepareConfig | None = None) -> Pre
             todo.append(p)
             labels_of[p] = entry.labels
             source_of[p] = "csv"
+            extra_of[p] = _extra_columns(entry.extra)
         listed = set(todo)
         unlisted = [a for a in audio if a not in listed]
         if unlisted:
@@ -588,10 +595,14 @@ def build_manifest(root: str | Path, config: PrepareConfig | None = None) -> Pre
                 rows.append(_row(p, meta, root, labs, kind, s, e))
         else:
             src = source_of.get(p, "none")
-            rows.append(_row(p, meta, root, labels_of.get(p, []), src, 0.0, meta.duration))
+            row = _row(p, meta, root, labels_of.get(p, []), src, 0.0, meta.duration)
+            rows.append({**row, **extra_of.get(p, {})})
     if past_end:
         notes.append(f"{past_end} annotation(s) start after the end of their recording (ignored)")
-    manifest = pd.DataFrame(rows, columns=COLUMNS)
+    extra_cols = list(dict.fromkeys(c for e in extra_of.values() for c in e))
+    if extra_cols:
+        notes.append(f"kept the labels file's column(s) {', '.join(extra_cols)}")
+    manifest = pd.DataFrame(rows, columns=COLUMNS + extra_cols)
     skipped = pd.DataFrame(
         [{"path": str(k), "reason": v} for k, v in sorted(skips.items())], columns=SKIPPED_COLUMNS
     )

@@ -27,9 +27,8 @@ from tqdm.auto import tqdm
 from bioaudio.data.datasets import AudioDataset
 from bioaudio.data.frontend import (
     FrontendConfig,
-    FrontendKind,
+    FrontendOptions,
     build_frontend,
-    frontend_from_options,
 )
 from bioaudio.errors import AudioDecodeError, ConfigError, DataError
 from bioaudio.fileio import save_json_atomic
@@ -38,12 +37,9 @@ STATS_FILE = "stats.json"
 
 
 @dataclass
-class StatsConfig:
+class StatsConfig(FrontendOptions):
     """Options of `bioaudio stats`."""
 
-    frontend: FrontendKind = field(
-        default="beats_fbank", metadata={"help": "beats_fbank | eat_fbank | logmel | stft | mfcc"}
-    )
     max_clips: int = field(default=500, metadata={"help": "rows sampled from the manifest"})
     max_seconds: float | None = field(
         default=10.0,
@@ -54,17 +50,6 @@ class StatsConfig:
         default=None, metadata={"help": f"output JSON; unset: {STATS_FILE} beside MANIFEST"}
     )
     num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes"})
-    sample_rate: int = field(
-        default=FrontendConfig.sample_rate, metadata={"help": "frontend sample rate (Hz)"}
-    )
-    n_mels: int = field(default=FrontendConfig.n_mels, metadata={"help": "mel bins"})
-    n_fft: int = field(
-        default=FrontendConfig.n_fft, metadata={"help": "FFT size (logmel/stft/mfcc)"}
-    )
-    hop_length: int = field(
-        default=FrontendConfig.hop_length, metadata={"help": "hop in samples (logmel/stft/mfcc)"}
-    )
-    n_mfcc: int = field(default=FrontendConfig.n_mfcc, metadata={"help": "MFCC coefficients"})
 
     def validate(self) -> None:
         if self.max_clips < 1:
@@ -73,10 +58,7 @@ class StatsConfig:
             raise ConfigError(f"--max_seconds must be positive, got {self.max_seconds}")
         if self.num_workers < 0:
             raise ConfigError(f"--num_workers must be >= 0, got {self.num_workers}")
-
-    def frontend_config(self) -> FrontendConfig:
-        """The un-normalised frontend whose features are measured (no frame padding)."""
-        return frontend_from_options(self)
+        self.validate_frontend()
 
 
 class _ClipMoments(Dataset):

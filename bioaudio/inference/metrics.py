@@ -79,22 +79,9 @@ def multi_label_metrics(
         "auroc": float(np.mean(auc)) if auc else 0.0,
         "macro_f1": float(skm.f1_score(y, pred, average="macro", zero_division=0)),
         "micro_f1": float(skm.f1_score(y, pred, average="micro", zero_division=0)),
+        "subset_accuracy": float((pred == y).all(axis=1).mean()) if len(y) else 0.0,
         "per_class": per_class,
     }
-
-
-def classification_metrics(
-    y_true: np.ndarray, scores: np.ndarray, class_names: list[str], multi_label: bool
-) -> dict[str, object]:
-    """Dispatch on the task type. Scores: logits (single-label) or probabilities (multi-label)."""
-    if multi_label:
-        return multi_label_metrics(y_true, scores, class_names)
-    return single_label_metrics(y_true, scores, class_names)
-
-
-def scalar_metrics(m: dict[str, object]) -> dict[str, float]:
-    """Just the float entries (for metrics.csv / progress bars)."""
-    return {k: float(v) for k, v in m.items() if isinstance(v, (int, float))}
 
 
 def row_normalised(cm: np.ndarray) -> np.ndarray:

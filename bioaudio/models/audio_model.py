@@ -171,21 +171,39 @@ class AudioModel(nn.Module):
         return self.encoder(fbank, frame_mask, keep)
 
     def features(
-        self, wav: torch.Tensor, padding_mask: torch.Tensor | None = None
+        self, wav: torch.Tensor, padding_mask: torch.Tensor | None = None, layer: int | None = None
     ) -> EncoderOutput:
-        """wav (B, S) -> EncoderOutput (tokens, cls, token padding mask)."""
+        """wav (B, S) -> EncoderOutput (tokens, cls, token padding mask). `layer` takes that
+        transformer block's output instead (0 = first, -1 = last; None = the encoder output,
+        which for a pre-LN encoder also has the final LayerNorm)."""
         fbank, frame_mask = self.featurise(wav, padding_mask)
-        return self.encoder(fbank, frame_mask)
+        if layer is None:
+            return self.encoder(fbank, frame_mask)
+        out, layers = self.encoder.forward_layers(fbank, frame_mask)
+        if not -len(layers) <= layer < len(layers):
+            raise ConfigError(
+                f"layer {layer} does not exist: the encoder has {len(layers)} blocks "
+                f"(0..{len(layers) - 1}, or -1..-{len(layers)} from the end)"
+            )
+        x = layers[layer]  # (B, [1 +] N, D), CLS first when the encoder has one
+        if self.has_cls:
+            return EncoderOutput(x[:, 1:], x[:, 0], out.padding_mask)
+        return EncoderOutput(x, None, out.padding_mask)
 
     def embed(
-        self, wav: torch.Tensor, padding_mask: torch.Tensor | None = None, pooling: str = "mean"
+        self,
+        wav: torch.Tensor,
+        padding_mask: torch.Tensor | None = None,
+        pooling: str = "mean",
+        layer: int | None = None,
     ) -> torch.Tensor:
-        """Clip embeddings (B, D): masked `mean` / `max` of the tokens, or the `cls` vector."""
+        """Clip embeddings (B, D): masked `mean` / `max` of the tokens, or the `cls` vector, of
+        the encoder output or of block `layer` (see `features`)."""
         if pooling not in EMBED_POOLINGS:
             raise ConfigError(
                 f"pooling must be one of {', '.join(EMBED_POOLINGS)}, got {pooling!r}"
             )
-        return pool_tokens(self.features(wav, padding_mask), pooling)
+        return pool_tokens(self.features(wav, padding_mask, layer), pooling)
 
     def classify(self, out: EncoderOutput) -> torch.Tensor:
         """Head on an encoder output -> logits (B, C)."""

@@ -726,6 +726,27 @@ class BaselineClassifier(nn.Module):
             feats, frame_mask = self.frontend(wav, padding_mask)
         return self.baseline(feats, frame_mask)
 
+    def _output_layer(self) -> nn.Linear:
+        # Every baseline registers its classifier Linear last (TinyMelCNN head[-1], `out`,
+        # MLP net[-1]; timm backbones come before `out`), so it is the last Linear module.
+        return [m for m in self.baseline.modules() if isinstance(m, nn.Linear)][-1]
+
+    @property
+    def embed_dim(self) -> int:
+        """Width of `embed`: the input width of the final linear layer."""
+        return int(self._output_layer().in_features)
+
+    def embed(self, wav: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        """Clip embeddings (B, D): the penultimate activation (what the final linear layer
+        sees; dropout is identity in eval mode)."""
+        seen: list[Tensor] = []
+        hook = self._output_layer().register_forward_pre_hook(lambda _m, a: seen.append(a[0]))
+        try:
+            self(wav, padding_mask)
+        finally:
+            hook.remove()
+        return seen[-1]
+
     def config(self) -> dict[str, Any]:
         """Everything needed to rebuild the model; `bioaudio.checkpoint` writes it into exports."""
         return {

@@ -173,24 +173,6 @@ register_objective(
 )
 register_objective(
     ObjectiveSpec(
-        "beats",
-        "beats.objective",
-        "MaskedTokenObjective",
-        ("beats",),
-        "BEATs masked acoustic-token prediction against a frozen tokenizer",
-    )
-)
-register_objective(
-    ObjectiveSpec(
-        "beats_tokenizer",
-        "beats.objective",
-        "TokenizerObjective",
-        ("beats",),
-        "BEATs tokenizer training: quantiser + estimator distilled from a teacher model",
-    )
-)
-register_objective(
-    ObjectiveSpec(
         "memory_bank",
         "bioaudio.training.memory_bank",
         "MemoryBankObjective",

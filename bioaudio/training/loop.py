@@ -37,10 +37,9 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -59,6 +58,7 @@ from tqdm.auto import tqdm
 from bioaudio.config import to_dict
 from bioaudio.errors import BioaudioError, CheckpointError, ConfigError, DataError, first_line
 from bioaudio.fileio import replace_dir, save_json_atomic
+from bioaudio.training.config import TrainConfig
 from bioaudio.training.optim import make_adamw, param_groups
 from bioaudio.training.rundir import (
     STATE_FORMAT,
@@ -83,139 +83,6 @@ from bioaudio.training.task import Task, TaskContext, TrainingModules
 
 class DivergenceError(BioaudioError):
     """Training produced non-finite losses or gradients for more than `max_bad_steps` steps."""
-
-
-# --------------------------------------------------------------------------------------- config
-
-
-@dataclass
-class TrainConfig:
-    """Options of the training loop (shared by every training command)."""
-
-    out_dir: Path = field(
-        default=Path("runs/train"),
-        metadata={"help": "run directory: config.json, metrics.csv, state/, export/, summary.json"},
-    )
-    max_steps: int = field(default=1000, metadata={"help": "number of optimizer steps"})
-    batch_size: int = field(
-        default=32,
-        metadata={"help": "GLOBAL batch per optimizer step (split over processes and grad_accum)"},
-    )
-    grad_accum: int = field(
-        default=1, metadata={"help": "micro-batches accumulated per optimizer step"}
-    )
-    lr: float = field(default=1e-4, metadata={"help": "peak learning rate"})
-    min_lr_ratio: float = field(
-        default=0.01, metadata={"help": "final learning rate as a fraction of --lr (cosine end)"}
-    )
-    warmup_steps: int = field(default=0, metadata={"help": "linear warmup steps"})
-    weight_decay: float = field(
-        default=0.01, metadata={"help": "AdamW weight decay (not applied to biases and norms)"}
-    )
-    betas: tuple[float, float] = field(default=(0.9, 0.999), metadata={"help": "AdamW betas"})
-    eps: float = field(default=1e-8, metadata={"help": "AdamW epsilon"})
-    clip_grad: float = field(
-        default=1.0, metadata={"help": "clip the global gradient norm to this value (0 = off)"}
-    )
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = field(
-        default="auto",
-        metadata={"help": "auto = bf16 on a CUDA GPU that supports it, fp32 otherwise"},
-    )
-    eval_every: int = field(
-        default=0, metadata={"help": "evaluate every N steps (0 = only at the end)"}
-    )
-    eval_batch_size: int | None = field(
-        default=None,
-        metadata={"help": "per-process evaluation batch (default: training micro-batch)"},
-    )
-    save_every: int = field(
-        default=500, metadata={"help": "save a resumable state every N steps (0 = only at the end)"}
-    )
-    keep_last: int = field(default=2, metadata={"help": "number of saved states to keep"})
-    log_every: int = field(default=10, metadata={"help": "write a metrics.csv row every N steps"})
-    seed: int = field(default=0, metadata={"help": "seed of data order, augmentation and init"})
-    shuffle: bool = field(default=True, metadata={"help": "shuffle map-style datasets every epoch"})
-    num_workers: int = field(default=2, metadata={"help": "DataLoader worker processes"})
-    report_to: Literal["none", "tensorboard", "wandb"] = field(
-        default="none",
-        metadata={"help": "experiment tracker (wandb runs offline without an API key)"},
-    )
-    run_name: str | None = field(
-        default=None, metadata={"help": "tracker run name (default: the out_dir name)"}
-    )
-    resume: str | None = field(
-        default="auto",
-        metadata={
-            "help": "auto = continue the newest complete state in out_dir; a state or run "
-            "directory; none = start fresh (refused if out_dir already holds a run)"
-        },
-    )
-    max_bad_steps: int = field(
-        default=10, metadata={"help": "stop after more than N non-finite steps in a row"}
-    )
-    best_metric: str | None = field(
-        default=None, metadata={"help": "evaluation metric that selects best/ (e.g. eval/accuracy)"}
-    )
-    best_mode: Literal["max", "min"] = field(
-        default="max", metadata={"help": "whether a larger or smaller best_metric is better"}
-    )
-    early_stopping: int = field(
-        default=0,
-        metadata={"help": "stop after N evaluations without a better best_metric (0 = off)"},
-    )
-    stop_at: float | None = field(
-        default=None, metadata={"help": "stop as soon as best_metric reaches this value"}
-    )
-    cpu: bool = field(default=False, metadata={"help": "train on CPU even when a GPU is available"})
-    find_unused_parameters: bool = field(
-        default=False, metadata={"help": "DDP: allow parameters without gradient in a step"}
-    )
-    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
-
-    def validate(self) -> None:
-        """Raise ConfigError for values that cannot work (checked before any training)."""
-        positive = ("max_steps", "batch_size", "grad_accum", "keep_last", "log_every")
-        for name in positive:
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"--{name} must be a positive integer, got {value!r}")
-        for name in (
-            "warmup_steps",
-            "eval_every",
-            "save_every",
-            "num_workers",
-            "max_bad_steps",
-            "early_stopping",
-        ):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ConfigError(f"--{name} must be a non-negative integer, got {value!r}")
-        if (
-            not isinstance(self.seed, int)
-            or isinstance(self.seed, bool)
-            or not 0 <= self.seed < 2**31
-        ):
-            raise ConfigError(f"--seed must be an integer in [0, 2**31), got {self.seed!r}")
-        if self.batch_size % self.grad_accum:
-            raise ConfigError(
-                f"--batch_size {self.batch_size} is not divisible by --grad_accum {self.grad_accum}"
-            )
-        if self.warmup_steps > self.max_steps:
-            raise ConfigError(
-                f"--warmup_steps {self.warmup_steps} exceeds --max_steps {self.max_steps}"
-            )
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ConfigError(f"--lr must be a positive number, got {self.lr!r}")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ConfigError(f"--min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
-        if self.weight_decay < 0 or self.eps <= 0 or self.clip_grad < 0:
-            raise ConfigError("--weight_decay and --clip_grad must be >= 0 and --eps > 0")
-        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
-            raise ConfigError(f"--betas must be two numbers in [0, 1), got {self.betas!r}")
-        if self.eval_batch_size is not None and self.eval_batch_size < 1:
-            raise ConfigError(f"--eval_batch_size must be positive, got {self.eval_batch_size}")
-        if isinstance(self.resume, str) and self.resume.strip().lower() in ("", "none", "null"):
-            self.resume = None
 
 
 def _destroy_process_group() -> None:

@@ -43,6 +43,9 @@ class PretrainInputs:
     pair_group   (B,) int64: clips sharing a non-negative id are extra positives of each other
                  (the `positive/` folder); -1 = no group
     index        (B,) dataset indices of the clips
+    student_utterance  (B, D) the student's utterance embedding of the main view, set by the
+                 task from an earlier objective's output (EAT's CLS averaged over its clone
+                 views) so a later term (the memory bank) need not run the student again
     """
 
     fbank: Tensor
@@ -53,6 +56,7 @@ class PretrainInputs:
     labels: Tensor | None = None
     pair_group: Tensor | None = None
     index: Tensor | None = None
+    student_utterance: Tensor | None = None
 
 
 @dataclass
@@ -86,6 +90,13 @@ class Objective(nn.Module):
 
     def after_update(self, model: nn.Module, ctx: TaskContext) -> None:
         """After each applied optimizer update (EMA teachers, queues). `model` is unwrapped."""
+
+    def bind(self, others: list[Objective]) -> None:
+        """Called once with every objective of the mix (itself included), after all are built
+        and before anything is prepared: share parts with the others (a momentum encoder)."""
+
+    def check_batch(self, global_batch: int) -> None:
+        """ConfigError when the objective cannot work with this global batch size."""
 
     def momentum_encoder(self) -> nn.Module | None:
         """An EMA copy of the student encoder this objective already keeps (EAT's teacher),

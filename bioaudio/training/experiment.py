@@ -1,0 +1,925 @@
+"""The experiment layer: one classifier recipe trained over seeds (and folds) on a labelled
+manifest, evaluated under one protocol, summarised with mean +- std. `train-baseline` (CNN
+baselines) and `finetune` (BEATs / EAT) both run through it, so their numbers compare.
+
+Splits, in order of precedence:
+  --cv                    every fold of --fold_column in turn as test (ESC-10's official 5-fold
+                          protocol: `bioaudio split --method esc`), the next fold as validation
+  --test_fold K           one fold as test, the next as validation
+  a `split` column        train / val / test as written by `bioaudio split` (or by the dataset)
+  otherwise               a seeded stratified split (--val, --test; grouped by recording when
+                          several rows share one)
+
+One run directory per (fold,) seed, RUN_ROOT/seed_42/ or RUN_ROOT/fold_1/seed_42/, holding the
+training loop's outputs (config.json, metrics.csv, state/, export/, best/, summary.json) and
+  history.csv, curves.png                       train loss/accuracy and validation metrics
+  test_metrics.json                             accuracy, balanced accuracy, macro-F1, per class
+  test_predictions.csv                          one row per test clip, per-class probabilities
+  confusion_counts.csv, confusion_normalised.csv, confusion.png, confusion_counts.png
+  class_names.json
+and RUN_ROOT/run_summary.csv (one row per run, then mean and std rows). Test metrics use the
+best model by validation (best/; export/ without a validation set) on the test clips read from
+audio, cut into --clip_seconds windows whose probabilities are averaged per clip, exactly as
+`bioaudio infer` does.
+
+Re-running the same command resumes: finished runs are skipped, an interrupted one continues
+from its last saved state and ends with the same weights as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from bioaudio.config import to_dict
+from bioaudio.data.augment import SpecAugmentConfig, WaveAugmentConfig, build_wave_augment
+from bioaudio.data.datasets import AudioDataset, collate_batch, resolve_classes, segment_windows
+from bioaudio.data.features import FeatureDataset, find_cache, frames_for_seconds, open_cache
+from bioaudio.data.frontend import FrontendConfig
+from bioaudio.data.manifest import read_manifest, split_labels
+from bioaudio.data.splits import SplitConfig, assign_splits, split_manifest, strata_of
+from bioaudio.errors import ConfigError, DataError
+from bioaudio.fileio import save_json_atomic, write_csv_atomic
+from bioaudio.inference.metrics import classification_report, row_normalised
+from bioaudio.inference.predict import load_classifier, predict_clips
+from bioaudio.training.classification import ClassificationTask
+from bioaudio.training.config import LoopOptions, TrainConfig
+from bioaudio.training.loop import Trainer
+from bioaudio.training.rundir import model_identity
+
+RUN_SUMMARY = "run_summary.csv"
+TEST_METRICS = "test_metrics.json"
+
+
+# ----------------------------------------------------------------------------------------------
+# Options
+
+
+@dataclass
+class ExperimentOptions:
+    """Runs (seeds x folds), their length and evaluation, the splits, augmentation."""
+
+    out: Path = field(
+        default=Path("runs/experiment"),
+        metadata={"help": "RUN_ROOT: one run directory per (fold,) seed and run_summary.csv"},
+    )
+    seeds: list[int] = field(
+        default_factory=lambda: [42], metadata={"help": "comma-separated seeds, one run each"}
+    )
+    epochs: float | None = field(
+        default=None,
+        metadata={"help": "epochs per run; unset: 30, unless --max_steps is given"},
+    )
+    max_steps: int | None = field(
+        default=None, metadata={"help": "optimizer steps per run (alternative to --epochs)"}
+    )
+    eval_every: int | None = field(
+        default=None, metadata={"help": "validate every N steps; unset: once per epoch"}
+    )
+    save_every: int | None = field(
+        default=None,
+        metadata={"help": "save a resumable state every N steps; unset: --eval_every"},
+    )
+    log_every: int | None = field(
+        default=None,
+        metadata={"help": "write a metrics.csv row every N steps; unset: --eval_every"},
+    )
+    best_metric: str | None = field(
+        default="auto",
+        metadata={"help": "metric selecting best/ (auto: eval/accuracy, multi-label eval/mAP)"},
+    )
+    early_stopping: int = field(
+        default=0,
+        metadata={"help": "stop a run after N validations without improvement (0 = off)"},
+    )
+    clip_seconds: float = field(
+        default=5.0, metadata={"help": "training crop / evaluation window in seconds"}
+    )
+    eval_hop: float | None = field(
+        default=None, metadata={"help": "hop between evaluation windows; unset: --clip_seconds"}
+    )
+    val: float = field(default=0.15, metadata={"help": "validation fraction (own split)"})
+    test: float = field(default=0.15, metadata={"help": "test fraction (own split)"})
+    split_seed: int = field(
+        default=0, metadata={"help": "seed of the own split (the same for every --seeds run)"}
+    )
+    split_column: str = field(
+        default="split", metadata={"help": "manifest column of train/val/test, used when present"}
+    )
+    fold_column: str = field(default="fold", metadata={"help": "manifest column of folds"})
+    test_fold: int | None = field(default=None, metadata={"help": "the fold used as test set"})
+    cv: bool = field(
+        default=False, metadata={"help": "cross-validation: every fold in turn as test set"}
+    )
+    cv_val: Literal["next_fold", "none"] = field(
+        default="next_fold",
+        metadata={
+            "help": "validation with folds: the next fold, or none (train on all other folds;"
+            " test metrics then use the final model)"
+        },
+    )
+    stats: Path | None = field(
+        default=None,
+        metadata={
+            "help": "normalisation stats (bioaudio stats); unset: stats.json beside MANIFEST if any"
+        },
+    )
+    features: str = field(
+        default="auto",
+        metadata={"help": "feature cache: auto (a matching one beside MANIFEST) | none | DIR"},
+    )
+    spec_augment: bool = field(
+        default=False, metadata={"help": "SpecAugment on training features (see --spec.*)"}
+    )
+    spec: SpecAugmentConfig = field(default_factory=SpecAugmentConfig)
+    mixup_alpha: float = field(default=0.0, metadata={"help": "mixup Beta(alpha, alpha); 0 = off"})
+    mixup_prob: float = field(default=1.0, metadata={"help": "fraction of clips mixed"})
+    label_smoothing: float = field(default=0.0, metadata={"help": "label smoothing (0 = off)"})
+    sanity_overfit: bool = field(
+        default=False,
+        metadata={"help": "only check the pipeline: memorise one batch, exit 1 if it cannot"},
+    )
+    sanity_steps: int = field(default=300, metadata={"help": "step cap of --sanity_overfit"})
+
+    @property
+    def uses_folds(self) -> bool:
+        return self.cv or self.test_fold is not None
+
+    def validate_experiment(self) -> None:
+        """One-line ConfigError for values that cannot work."""
+        if self.max_steps is not None and self.epochs is not None:
+            raise ConfigError("give --max_steps or --epochs, not both")
+        if self.epochs is not None and not self.epochs > 0:
+            raise ConfigError(f"--epochs must be positive, got {self.epochs}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"--max_steps must be a positive integer, got {self.max_steps}")
+        if not self.seeds:
+            raise ConfigError("--seeds: give at least one seed")
+        for s in self.seeds:
+            if not 0 <= s < 2**31:
+                raise ConfigError(f"--seeds: {s} is not in [0, 2**31)")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"--seeds: repeated seed in {','.join(map(str, self.seeds))}")
+        if not self.clip_seconds > 0:
+            raise ConfigError(f"--clip_seconds must be positive, got {self.clip_seconds}")
+        if self.eval_hop is not None and not self.eval_hop > 0:
+            raise ConfigError(f"--eval_hop must be positive, got {self.eval_hop}")
+        if self.cv and self.test_fold is not None:
+            raise ConfigError("give --cv or --test_fold, not both")
+        if self.sanity_steps < 1:
+            raise ConfigError(f"--sanity_steps must be >= 1, got {self.sanity_steps}")
+        if self.log_every is not None and self.log_every < 1:
+            raise ConfigError(f"--log_every must be a positive integer, got {self.log_every}")
+        if self.early_stopping < 0:
+            raise ConfigError(f"--early_stopping must be >= 0, got {self.early_stopping}")
+        for name in ("eval_every", "save_every"):
+            v = getattr(self, name)
+            if v is not None and v < 0:
+                raise ConfigError(f"--{name} must be >= 0, got {v}")
+        if not self.uses_folds:
+            SplitConfig(val=self.val, test=self.test).validate()
+
+
+# ----------------------------------------------------------------------------------------------
+# Plans
+
+
+@dataclass
+class RunPlan:
+    """One training run: its directory (relative to RUN_ROOT), seed, fold and manifest rows."""
+
+    name: str
+    seed: int
+    fold: Any
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+
+
+ModelFactory = Callable[[int, list[str], bool], nn.Module]
+"""(seed, class names, multi-label) -> a fresh classifier (see bioaudio.training.classification)."""
+
+
+def is_main_process() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def say(*parts: Any) -> None:
+    """Print on the main process only (every process runs the command under accelerate)."""
+    if is_main_process():
+        print(*parts, flush=True)
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def is_finished(run_dir: Path) -> bool:
+    """A run whose training completed and whose test metrics were written."""
+    summary = _read_json(run_dir / "summary.json")
+    return (
+        bool(summary and summary.get("status") == "completed")
+        and (run_dir / TEST_METRICS).is_file()
+    )
+
+
+def _row_counts(df: pd.DataFrame, rows: np.ndarray, names: list[str]) -> dict[str, int]:
+    counts = dict.fromkeys(names, 0)
+    for v in df["labels"].to_numpy()[rows]:
+        for n in split_labels(v):
+            counts[n] = counts.get(n, 0) + 1
+    return counts
+
+
+def fold_splits(df: pd.DataFrame, cfg: ExperimentOptions) -> list[tuple]:
+    """(fold, train rows, val rows, test rows) per test fold."""
+    col = cfg.fold_column
+    if col not in df.columns:
+        raise DataError(
+            f"--fold_column {col!r} is not a manifest column (make folds with `bioaudio split"
+            " --method esc` or `--method kfold`)"
+        )
+    values = df[col]
+    if values.isna().any():
+        raise DataError(f"--fold_column {col!r} is empty in {int(values.isna().sum())} row(s)")
+    folds = sorted(values.unique().tolist())
+    if cfg.test_fold is not None and cfg.test_fold not in folds:
+        raise ConfigError(
+            f"--test_fold {cfg.test_fold} does not exist (folds in {col!r}:"
+            f" {', '.join(map(str, folds))})"
+        )
+    if len(folds) < 2:
+        raise DataError(f"--fold_column {col!r} holds a single fold ({folds[0]})")
+    if cfg.cv_val == "next_fold" and len(folds) < 3:
+        raise ConfigError(
+            f"{len(folds)} folds leave no training fold when the next fold validates;"
+            " use --cv_val none"
+        )
+    out = []
+    v = values.to_numpy()
+    for k, fold in enumerate(folds):
+        if cfg.test_fold is not None and fold != cfg.test_fold:
+            continue
+        val_fold = folds[(k + 1) % len(folds)] if cfg.cv_val == "next_fold" else None
+        test = np.flatnonzero(v == fold)
+        val = np.flatnonzero(v == val_fold) if val_fold is not None else np.zeros(0, np.int64)
+        train = np.flatnonzero((v != fold) & (v != val_fold if val_fold is not None else True))
+        out.append((fold, train, val, test))
+    return out
+
+
+def split_rows(
+    df: pd.DataFrame, cfg: ExperimentOptions, notes: list[str]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(train, val, test) rows from the split column, else a seeded (grouped) split."""
+    col = cfg.split_column
+    if col in df.columns:
+        split = df[col].fillna("").astype(str).str.strip().str.lower().to_numpy()
+        split = np.where(np.isin(split, ["valid", "validation", "dev"]), "val", split)
+        bad = sorted(set(split) - {"train", "val", "test"})
+        if bad:
+            raise DataError(
+                f"--split_column {col!r} holds {', '.join(map(repr, bad[:3]))}; expected"
+                " train, val and test"
+            )
+        train, val, test = (np.flatnonzero(split == s) for s in ("train", "val", "test"))
+        if len(val) == 0 and cfg.val > 0 and len(train) > 1:
+            # carve a stratified validation set out of the training rows
+            sub = df.iloc[train]
+            assigned = assign_splits(strata_of(sub), val=cfg.val, test=0.0, seed=cfg.split_seed)
+            val, train = train[assigned == "val"], train[assigned == "train"]
+            notes.append(f"no val rows in {col!r}: {len(val)} training rows validate instead")
+        notes.append(f"splits from the manifest's {col!r} column")
+        return train, val, test
+    method = "stratified"
+    split_cfg = SplitConfig(method="stratified", val=cfg.val, test=cfg.test, seed=cfg.split_seed)
+    if "recording" in df.columns and df["recording"].astype(str).duplicated().any():
+        # windows of one recording must not land in both train and test
+        split_cfg = dataclasses.replace(split_cfg, method="group", group_column="recording")
+        method = "grouped by recording"
+    result = split_manifest(df, split_cfg)
+    split = result.df[result.column].to_numpy()
+    notes.append(
+        f"{method} split {1 - cfg.val - cfg.test:g}/{cfg.val:g}/{cfg.test:g}"
+        f" (--split_seed {cfg.split_seed})"
+    )
+    return tuple(np.flatnonzero(split == s) for s in ("train", "val", "test"))  # type: ignore
+
+
+# ----------------------------------------------------------------------------------------------
+# The experiment
+
+
+class Experiment:
+    """Seeds x folds of one classifier recipe on one labelled manifest.
+
+    `cfg` holds `LoopOptions` and `ExperimentOptions` fields (a command's options dataclass
+    inherits both). `build_model(seed, class_names, multi_label)` makes a fresh classifier;
+    `identity` names what must match to resume a run directory (model name, frontend, ...);
+    `name` is how runs are titled (plots, messages);
+    `param_groups(model)` optionally gives optimiser groups (layer-wise decay, frozen parts).
+    Everything that can be wrong is found by the constructor, before any training or writing.
+    """
+
+    def __init__(
+        self,
+        cfg: Any,
+        manifest: Path,
+        *,
+        command: str,
+        build_model: ModelFactory,
+        frontend: FrontendConfig,
+        identity: dict[str, Any],
+        name: str = "",
+        stats_file: Path | None = None,
+        wave: WaveAugmentConfig | None = None,
+        param_groups: Callable[[nn.Module], list[dict[str, Any]]] | None = None,
+        provenance: dict[str, Any] | None = None,
+    ):
+        cfg.validate_loop()
+        cfg.validate_experiment()
+        self.cfg, self.manifest, self.command = cfg, Path(manifest), command
+        self.name = name or command
+        self._build, self.frontend, self.stats_file = build_model, frontend, stats_file
+        self.wave = wave if wave is not None and wave.enabled else None
+        self.param_groups = param_groups
+        self.provenance = dict(provenance or {})
+        self.notes: list[str] = []
+        if stats_file is not None:
+            self.notes.append(f"normalisation stats: {stats_file}")
+        self.df = df = read_manifest(self.manifest)
+        if not any(split_labels(v) for v in df["labels"]):
+            raise DataError(
+                f"{self.manifest} has no labels; {command} needs labelled clips (bioaudio prepare"
+                " with a labels.csv, class folders or selection tables)"
+            )
+        names, multi = resolve_classes(df)
+        if len(names) < 2 and not multi:
+            raise DataError(
+                f"{self.manifest}: a single class ({names[0]}); a classifier needs two or more"
+            )
+        self.class_names, self.multi_label = names, multi
+        probe = self.build_model(0)  # unknown model names and bad options fail here
+        self.waveform_model = getattr(probe, "input", "features") == "waveform"
+        if cfg.spec_augment and self.waveform_model:
+            raise ConfigError("--spec_augment needs a model that takes features, not the waveform")
+        self.cache = self._resolve_cache()
+        self.plans = self._plan()
+        self.identity = model_identity(
+            probe, self.task(None), {**identity, "class_names": names, "frontend": frontend.kind}
+        )
+        self._identity_extra = {**identity, "class_names": names, "frontend": frontend.kind}
+        for plan in self.plans:
+            self._check_run_dir(plan)
+
+    @property
+    def root(self) -> Path:
+        return Path(self.cfg.out)
+
+    def build_model(self, seed: int) -> nn.Module:
+        torch.manual_seed(seed)  # initial weights are part of what a seed decides
+        return self._build(seed, self.class_names, self.multi_label)
+
+    def task(
+        self, plan: RunPlan | None, eval_groups: np.ndarray | None = None
+    ) -> ClassificationTask:
+        cfg = self.cfg
+        return ClassificationTask(
+            self.class_names,
+            self.multi_label,
+            mixup_alpha=cfg.mixup_alpha,
+            mixup_prob=cfg.mixup_prob,
+            spec_augment=cfg.spec if cfg.spec_augment else None,
+            label_smoothing=cfg.label_smoothing,
+            seed=plan.seed if plan is not None else 0,
+            eval_groups=eval_groups,
+            provenance={
+                **self.provenance,
+                "task": "classification",
+                "command": self.command,
+                "clip_seconds": cfg.clip_seconds,
+                "run": plan.name if plan is not None else None,
+                "manifest": str(self.manifest.resolve()),
+            },
+        )
+
+    # ---- planning
+
+    def _resolve_cache(self) -> Any:
+        """The opened feature cache to train from, or None (features from audio)."""
+        cfg = self.cfg
+        choice = cfg.features.strip()
+        if choice.lower() == "none":
+            return None
+        explicit = choice.lower() != "auto"
+        if self.waveform_model:
+            if explicit:
+                raise ConfigError(f"--features {choice}: this model takes the waveform")
+            return None
+        if self.wave is not None:
+            if explicit:
+                raise ConfigError(
+                    f"--features {choice}: waveform augmentations (--wave.*) cannot apply to"
+                    " cached features; drop one of them"
+                )
+            self.notes.append("waveform augmentations on: features computed from audio")
+            return None
+        if explicit:
+            try:
+                meta = open_cache(choice).meta
+            except DataError as e:
+                raise ConfigError(f"--features {choice}: {e}") from e
+            path = find_cache(
+                self.manifest, self.frontend, choice, meta.get("window"), meta.get("hop")
+            )
+        else:
+            path = find_cache(self.manifest, self.frontend)
+            if path is None:
+                self.notes.append(
+                    f"no feature cache for {self.manifest.name}: features computed on the fly"
+                    f" (`bioaudio features {self.manifest} --frontend {self.frontend.kind}`"
+                    " makes one)"
+                )
+                return None
+        cache = open_cache(path)  # type: ignore[arg-type]
+        if "manifest_row" not in cache.items.columns:
+            raise ConfigError(f"--features {path}: cache lacks manifest_row; rebuild it")
+        self.notes.append(f"feature cache: {path}")
+        return cache
+
+    def _plan(self) -> list[RunPlan]:
+        cfg, df, names = self.cfg, self.df, self.class_names
+        if cfg.uses_folds:
+            splits = fold_splits(df, cfg)
+        else:
+            splits = [(None, *split_rows(df, cfg, self.notes))]
+        cached_rows = None
+        if self.cache is not None:
+            cached_rows = self.cache.items["manifest_row"].to_numpy()
+            missing = np.setdiff1d(np.arange(len(df)), cached_rows)
+            if len(missing):
+                self.notes.append(f"{len(missing)} manifest row(s) are not in the cache")
+        plans = []
+        for fold, train, val, test in splits:
+            where = f" in fold {fold}" if fold is not None else ""
+            if cached_rows is not None:
+                train = train[np.isin(train, cached_rows)]
+                val = val[np.isin(val, cached_rows)]
+            if len(test) == 0:
+                raise DataError(f"the test set{where} is empty")
+            counts = _row_counts(df, train, names)
+            empty = [n for n, c in counts.items() if c == 0]
+            if empty:
+                raise DataError(
+                    f"class {empty[0]!r} has no training examples{where}"
+                    f"{f' (and {len(empty) - 1} more)' if len(empty) > 1 else ''}"
+                )
+            n_items = (
+                int(np.isin(cached_rows, train).sum()) if cached_rows is not None else len(train)
+            )
+            if n_items < cfg.batch_size:
+                raise ConfigError(
+                    f"--batch_size {cfg.batch_size} is larger than the training set{where}"
+                    f" ({n_items} clips)"
+                )
+            for what, rows in (("validation", val), ("test", test)):
+                if len(rows) and not any(split_labels(v) for v in df["labels"].to_numpy()[rows]):
+                    raise DataError(f"the {what} set{where} has no labelled clips")
+            for seed in cfg.seeds:
+                name = f"seed_{seed}" if fold is None else f"fold_{fold}/seed_{seed}"
+                plans.append(RunPlan(name, seed, fold, train, val, test))
+        if cfg.resume not in (None, "auto") and len(plans) > 1:
+            raise ConfigError(
+                f"--resume {cfg.resume}: a single state cannot resume {len(plans)} runs; use"
+                " --resume auto (re-run the same command)"
+            )
+        return plans
+
+    def steps(self, plan: RunPlan) -> tuple[int, int, int, int]:
+        """(max_steps, eval_every, save_every, log_every) of one run."""
+        cfg = self.cfg
+        n = len(plan.train)
+        if self.cache is not None:
+            n = int(np.isin(self.cache.items["manifest_row"].to_numpy(), plan.train).sum())
+        per_epoch = max(1, n // cfg.batch_size)
+        if cfg.max_steps is not None:
+            max_steps = cfg.max_steps
+        else:
+            max_steps = max(1, math.ceil((cfg.epochs or 30.0) * per_epoch))
+        eval_every = cfg.eval_every if cfg.eval_every is not None else per_epoch
+        save_every = cfg.save_every if cfg.save_every is not None else (eval_every or per_epoch)
+        log_every = cfg.log_every if cfg.log_every is not None else (eval_every or per_epoch)
+        return max_steps, eval_every, save_every, log_every
+
+    def _check_run_dir(self, plan: RunPlan) -> None:
+        """An existing run directory must hold this model and, when finished, this schedule."""
+        d = self.root / plan.name
+        saved = _read_json(d / "config.json")
+        old = (saved or {}).get("identity")
+        if isinstance(old, dict) and old != self.identity:
+            diffs = [
+                f"{k}: {old.get(k)!r} vs {self.identity.get(k)!r}"
+                for k in sorted(set(old) | set(self.identity))
+                if old.get(k) != self.identity.get(k)
+            ]
+            raise ConfigError(
+                f"{d} holds a run of another model ({'; '.join(diffs[:2])}); choose another --out"
+            )
+        if self.cfg.resume is None and ((d / "state").is_dir() or (d / "summary.json").is_file()):
+            raise ConfigError(f"{d} already holds a run; use --resume auto or another --out")
+        summary = _read_json(d / "summary.json")
+        if summary and summary.get("status") == "completed":
+            max_steps = self.steps(plan)[0]
+            if summary.get("max_steps") != max_steps:
+                raise ConfigError(
+                    f"{d} holds a finished run of {summary.get('max_steps')} steps, this command"
+                    f" plans {max_steps}; choose another --out"
+                )
+
+    # ---- datasets
+
+    def datasets(self, plan: RunPlan, augment: bool = True) -> tuple[Any, Any, Any]:
+        """(train dataset, validation dataset or None, validation group per item or None)."""
+        cfg = self.cfg
+        common = dict(class_names=self.class_names, multi_label=self.multi_label)
+        if self.cache is not None:
+            rows_of = self.cache.items["manifest_row"].to_numpy()
+            frames = max(1, frames_for_seconds(self.frontend, cfg.clip_seconds))
+            train = FeatureDataset(
+                self.cache,
+                clip_frames=frames,
+                train=augment,
+                seed=plan.seed,
+                frontend=self.frontend,
+                rows=np.flatnonzero(np.isin(rows_of, plan.train)),
+                **common,
+            )
+            val = groups = None
+            if len(plan.val):
+                items = np.flatnonzero(np.isin(rows_of, plan.val))
+                val = FeatureDataset(
+                    self.cache, clip_frames=frames, frontend=self.frontend, rows=items, **common
+                )
+                groups = rows_of[items]
+            return train, val, groups
+        wave = None
+        if augment and self.wave is not None:
+            wave = build_wave_augment(
+                dataclasses.replace(self.wave, sample_rate=self.frontend.sample_rate)
+            )
+        sr = self.frontend.sample_rate
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # sub-frame segments: dropped, counted
+            train = AudioDataset(
+                self.df.iloc[plan.train],
+                sample_rate=sr,
+                clip_seconds=cfg.clip_seconds,
+                train=augment,
+                seed=plan.seed,
+                wave_augment=wave,
+                **common,
+            )
+            val = groups = None
+            if len(plan.val):
+                windows = segment_windows(self.df.iloc[plan.val], cfg.clip_seconds, cfg.eval_hop)
+                val = AudioDataset(windows, sample_rate=sr, clip_seconds=cfg.clip_seconds, **common)
+                groups = val.df["segment_index"].to_numpy()
+        return train, val, groups
+
+    # ---- running
+
+    def run(self) -> int:
+        """Train every planned run (skipping finished ones), then write run_summary.csv.
+        0 when all finished, 130 when interrupted (state saved)."""
+        for plan in self.plans:
+            run_dir = self.root / plan.name
+            if is_finished(run_dir):
+                say(f"{plan.name}: finished earlier, skipped ({run_dir / TEST_METRICS})")
+                continue
+            if self.train_run(plan) is None:
+                say(
+                    f"{plan.name}: interrupted; state saved in {run_dir / 'state'}; run the same"
+                    " command again to continue"
+                )
+                return 130
+        table = self.summary()
+        if is_main_process():
+            write_csv_atomic(table, self.root / RUN_SUMMARY)
+            say("\n" + format_summary(table))
+            key = "test_mAP" if self.multi_label else "test_accuracy"
+            vals = pd.to_numeric(table[key].iloc[: len(self.plans)], errors="coerce")
+            spread = f" +- {vals.std(ddof=1):.4f}" if len(vals) > 1 else ""
+            say(f"\n{key[5:]}: {vals.mean():.4f}{spread} over {len(vals)} run(s)")
+            say(f"runs: {self.root}/<run>/ (test_metrics.json, confusion.png, curves.png, best/)")
+            say(f"summary: {self.root / RUN_SUMMARY}")
+        return 0
+
+    def train_run(self, plan: RunPlan) -> dict[str, Any] | None:
+        """Train (or resume) one run, then write its test metrics and plots. None if interrupted."""
+        cfg = self.cfg
+        run_dir = self.root / plan.name
+        max_steps, eval_every, save_every, log_every = self.steps(plan)
+        train_ds, val_ds, groups = self.datasets(plan)
+        best = None
+        if val_ds is not None and cfg.best_metric:
+            best = cfg.best_metric
+            if best == "auto":
+                best = "eval/mAP" if self.multi_label else "eval/accuracy"
+        loop = TrainConfig.for_run(
+            cfg,
+            out_dir=run_dir,
+            seed=plan.seed,
+            max_steps=max_steps,
+            eval_every=eval_every if val_ds is not None else 0,
+            save_every=save_every,
+            log_every=log_every,
+            best_metric=best,
+            early_stopping=cfg.early_stopping if best else 0,
+        )
+        run_config = {
+            "command": self.command,
+            "options": to_dict(cfg),
+            "run": {
+                "name": plan.name,
+                "seed": plan.seed,
+                "fold": plan.fold,
+                "n_train": len(train_ds),
+                "n_val_clips": len(plan.val),
+                "n_test_clips": len(plan.test),
+                "manifest": str(self.manifest.resolve()),
+                "feature_cache": str(self.cache.root) if self.cache is not None else None,
+                "stats_file": str(self.stats_file) if self.stats_file else None,
+                "class_names": self.class_names,
+                "multi_label": self.multi_label,
+                "frontend": to_dict(self.frontend),
+            },
+        }
+        model = self.build_model(plan.seed)
+        trainer = Trainer(
+            loop,
+            model,
+            self.task(plan, groups),
+            train_ds,
+            val_ds,
+            collate_fn=collate_batch,
+            optimizer=self.param_groups(model) if self.param_groups else None,
+            run_config=run_config,
+            identity=self._identity_extra,
+        )
+        say(f"\n== {plan.name}: {len(train_ds)} training items, {max_steps} steps -> {run_dir}")
+        summary = trainer.fit()
+        if summary["status"] != "completed":
+            return None
+        return self.write_artifacts(plan, summary, trainer.accelerator)
+
+    def write_artifacts(
+        self, plan: RunPlan, summary: dict[str, Any], accelerator: Any
+    ) -> dict[str, Any]:
+        """Test metrics of the best model (clip level), predictions, confusion matrices, curves."""
+        from bioaudio.inference.plots import plot_confusion, plot_history
+
+        cfg, run_dir, names = self.cfg, self.root / plan.name, self.class_names
+        chosen = "best" if (run_dir / "best" / "config.json").is_file() else "export"
+        model = load_classifier(run_dir / chosen)
+        test_df = self.df.iloc[plan.test].reset_index(drop=True)
+        clips = predict_clips(
+            model,
+            test_df,
+            window=cfg.clip_seconds,
+            hop=cfg.eval_hop,
+            batch_size=cfg.eval_batch_size or max(1, cfg.batch_size // accelerator.num_processes),
+            num_workers=cfg.num_workers,
+            accelerator=accelerator,
+            progress=cfg.progress and accelerator.is_main_process,
+            desc="test",
+        )
+        report = classification_report(clips.scores, clips.targets, names, self.multi_label)
+        if accelerator.is_main_process:
+            save_json_atomic(run_dir / "class_names.json", names)
+            pred = test_df.iloc[clips.rows][["path", "start", "end", "labels"]]
+            pred = pred.reset_index(drop=True)
+            if self.multi_label:
+                pred["predicted"] = [
+                    ",".join(n for n, p in zip(names, row) if p >= 0.5) for row in clips.scores
+                ]
+            else:
+                pred["predicted"] = [names[i] for i in clips.scores.argmax(axis=1)]
+            pred["probability"] = clips.scores.max(axis=1)
+            for c, n in enumerate(names):
+                pred[f"p_{n}"] = clips.scores[:, c]
+            write_csv_atomic(pred, run_dir / "test_predictions.csv")
+            if not self.multi_label:
+                cm = np.asarray(report["confusion"])
+                counts = pd.DataFrame(cm, index=names, columns=names)
+                counts.index.name = "true \\ predicted"
+                write_csv_atomic(counts, run_dir / "confusion_counts.csv", index=True)
+                norm = pd.DataFrame(row_normalised(cm), index=names, columns=names)
+                norm.index.name = "true \\ predicted"
+                write_csv_atomic(
+                    norm, run_dir / "confusion_normalised.csv", index=True, float_format="%.6g"
+                )
+                title = f"{plan.name}: test accuracy {report['accuracy']:.3f}"
+                plot_confusion(cm, names, run_dir / "confusion.png", normalise=True, title=title)
+                plot_confusion(cm, names, run_dir / "confusion_counts.png", normalise=False)
+            history = read_history(run_dir)
+            if history is not None:
+                write_csv_atomic(history, run_dir / "history.csv")
+                plot_history(
+                    history,
+                    run_dir / "curves.png",
+                    title=f"{self.name} {plan.name}",
+                )
+            record = {
+                **report,
+                "model": chosen,
+                "best": summary.get("best"),
+                "steps": summary.get("steps"),
+                "run": plan.name,
+                "seed": plan.seed,
+                "fold": plan.fold,
+                "clip_seconds": cfg.clip_seconds,
+                "eval_hop": cfg.eval_hop or cfg.clip_seconds,
+                "windows": len(clips.windows),
+            }
+            save_json_atomic(run_dir / TEST_METRICS, record)  # last: marks the run finished
+        accelerator.wait_for_everyone()
+        return report
+
+    def summary(self) -> pd.DataFrame:
+        """One row per run (from its test_metrics.json and summary.json), then mean and std rows
+        (sample standard deviation, ddof=1) of every metric column."""
+        metric_keys = (
+            ["mAP", "auroc", "macro_f1", "micro_f1"]
+            if self.multi_label
+            else ["accuracy", "balanced_accuracy", "macro_f1"]
+        )
+        rows = []
+        for plan in self.plans:
+            d = self.root / plan.name
+            tm, sm = _read_json(d / TEST_METRICS) or {}, _read_json(d / "summary.json") or {}
+            best = sm.get("best") or {}
+            row: dict[str, Any] = {"run": plan.name, "fold": plan.fold, "seed": plan.seed}
+            row.update({f"test_{k}": tm.get(k) for k in metric_keys})
+            row["best_val"] = best.get("value")
+            row["best_step"] = best.get("step")
+            row["steps"] = sm.get("steps")
+            row["n_test"] = tm.get("n")
+            row["train_time_s"] = sm.get("train_time_s")
+            rows.append(row)
+        table = pd.DataFrame(rows)
+        if self.plans[0].fold is None:
+            table = table.drop(columns="fold")
+        stat_cols = [f"test_{k}" for k in metric_keys] + ["best_val", "train_time_s"]
+        values = table[stat_cols].apply(pd.to_numeric, errors="coerce")
+        mean = {"run": "mean", **values.mean().to_dict()}
+        spread = values.std(ddof=1) if len(values) > 1 else values.iloc[0] * np.nan
+        std = {"run": "std", **spread.to_dict()}
+        table = pd.concat([table, pd.DataFrame([mean, std])], ignore_index=True)
+        for c in ("fold", "seed", "best_step", "steps", "n_test"):
+            if c in table and pd.api.types.is_numeric_dtype(table[c]):
+                table[c] = table[c].astype("Int64")
+        return table
+
+    # ---- sanity check
+
+    def sanity_overfit(self) -> int:
+        """Memorise one fixed batch (no augmentation) through the Trainer: a quick check that
+        data, labels, model, loss and optimiser fit together. 0 when the batch is learnt within
+        --sanity_steps, else 1. Writes RUN_ROOT/sanity_overfit/ (history.csv, result.json)."""
+        cfg = self.cfg
+        plan = self.plans[0]
+        train_ds, _, _ = self.datasets(plan, augment=False)
+        order = np.random.default_rng(plan.seed).permutation(len(train_ds))
+        items = []
+        for i in order:
+            item = train_ds[int(i)]
+            if self.multi_label or int(item["target"]) >= 0:
+                items.append(item)
+            if len(items) == cfg.batch_size:
+                break
+        out = self.root / "sanity_overfit"
+        metric = "eval/subset_accuracy" if self.multi_label else "eval/accuracy"
+        loop = TrainConfig.for_run(
+            cfg,
+            out_dir=out / "run",
+            seed=plan.seed,
+            max_steps=cfg.sanity_steps,
+            batch_size=len(items),
+            grad_accum=1,
+            weight_decay=0.0,
+            warmup_steps=0,
+            min_lr_ratio=1.0,  # constant learning rate: the check is about fitting, not schedules
+            shuffle=False,
+            num_workers=0,
+            eval_every=1,
+            save_every=0,
+            log_every=1,
+            best_metric=metric,
+            stop_at=1.0,
+            resume=None,
+            report_to="none",
+        )
+        if is_main_process() and out.exists():
+            import shutil
+
+            shutil.rmtree(out)  # our own previous check
+        model = self.build_model(plan.seed)
+        task = ClassificationTask(self.class_names, self.multi_label, seed=plan.seed)
+        trainer = Trainer(
+            loop, model, task, _Items(items), _Items(items), collate_fn=collate_batch,
+            run_config={"command": self.command, "sanity_overfit": True},
+        )  # fmt: skip
+        summary = trainer.fit()
+        history = pd.read_csv(out / "run" / "metrics.csv")
+        history = history.rename(columns={metric: "batch_accuracy"})
+        last = history.iloc[-1]
+        solved = summary["best"] is not None and summary["best"]["value"] >= 1.0
+        result = {
+            "passed": bool(solved),
+            "steps": int(summary["steps"]),
+            "batch": len(items),
+            "final_loss": float(last["loss"]),
+            "final_batch_accuracy": float(last["batch_accuracy"]),
+            "lr": cfg.lr,
+            "seconds": summary["train_time_s"],
+        }
+        if is_main_process():
+            cols = [c for c in ("step", "loss", "batch_accuracy") if c in history.columns]
+            write_csv_atomic(history[cols], out / "history.csv")
+            save_json_atomic(out / "result.json", result)
+        what = self.name
+        if solved:
+            say(
+                f"sanity check passed: {what} memorised a batch of {len(items)} clips in"
+                f" {result['steps']} steps (loss {result['final_loss']:.4g}); details in {out}"
+            )
+            return 0
+        say(
+            f"sanity check FAILED: {what} reached {result['final_batch_accuracy']:.1%} on one"
+            f" fixed batch of {len(items)} clips after {result['steps']} steps (loss"
+            f" {result['final_loss']:.4g}); check labels, --lr, features; details in {out}"
+        )
+        return 1
+
+
+class _Items(torch.utils.data.Dataset):
+    """A fixed list of dataset items."""
+
+    def __init__(self, items: list[dict[str, Any]]):
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.items[i]
+
+
+def read_history(run_dir: Path) -> pd.DataFrame | None:
+    """metrics.csv reshaped for people: step, epoch, lr, train loss/accuracy, val_* metrics."""
+    path = run_dir / "metrics.csv"
+    if not path.is_file():
+        return None
+    m = pd.read_csv(path)
+    keep = ["step", "epoch", "lr", "loss", "train_accuracy"]
+    cols = [c for c in keep if c in m.columns] + [c for c in m.columns if c.startswith("eval/")]
+    h = m[cols].rename(columns={c: "val_" + c[5:] for c in cols if c.startswith("eval/")})
+    return h.groupby("step", as_index=False).first()
+
+
+def format_summary(table: pd.DataFrame) -> str:
+    """run_summary.csv as an aligned text table."""
+    shown = table.astype(object).where(table.notna(), "")
+    for c in shown.columns:
+        if c.startswith("test_") or c == "best_val":
+            shown[c] = [f"{v:.4f}" if v != "" else "" for v in shown[c]]
+        elif c == "train_time_s":
+            shown[c] = [f"{v:.0f}" if v != "" else "" for v in shown[c]]
+    return shown.to_string(index=False)
+
+
+__all__ = [
+    "Experiment",
+    "ExperimentOptions",
+    "LoopOptions",
+    "RunPlan",
+    "format_summary",
+    "is_finished",
+    "read_history",
+]

@@ -1,0 +1,167 @@
+"""Token masks for masked pretraining: which patches the student sees (`keep`, True = visible).
+
+Both functions return a (B, N) bool `keep` mask over the time-major patch grid (token index
+t * n_freq + f, as `bioaudio.models.layers.PatchEmbed` orders them) with the SAME number of kept
+tokens in every row, because the encoders remove the dropped tokens and stack the rows
+(`bioaudio.models.layers.keep_indices`).
+
+- `inverse_block_mask`: data2vec 2.0 / EAT inverse block masking (EAT, BEATs-style runs may use it
+  too): square blocks of patches are chosen to be KEPT and everything else is masked.
+- `random_mask`: uniform masking (BEATs, MAE).
+
+Every random number is drawn on the CPU from the `torch.Generator` passed in (the pretraining task
+seeds it from seed, step, process and micro-batch), so a mask is a pure function of that
+generator's state; masks are built on the CPU (they are small) and returned on `device`.
+
+Keep count. Without padding every row keeps k = round(N * (1 - mask_ratio)) tokens (Python
+`round`, at least 1). The official `compute_block_mask_2d` uses int() (floor) instead; the two
+differ only when N * (1 - mask_ratio) has a fractional part >= 0.5.
+
+Padding (optional `padding` (B, N), True = padding token): padding tokens are never kept. So
+that every row still masks at least `mask_ratio` of its own valid tokens while all rows keep the
+same count, k = max(1, min over rows of round(n_valid * (1 - mask_ratio))): the row with the
+fewest valid tokens sets the count and longer rows in the same batch are masked a little more
+than `mask_ratio`. Rows without any valid token (empty clips) do not lower k; they keep k of
+their padding tokens, which the encoders hide in attention and which carry no loss. This is the
+only case where a padding token is kept.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from bioaudio.errors import ConfigError
+
+__all__ = ["inverse_block_mask", "keep_count", "random_mask"]
+
+
+def _check_ratio(mask_ratio: float) -> None:
+    if not 0.0 < float(mask_ratio) < 1.0:
+        raise ConfigError(f"mask ratio must be strictly between 0 and 1, got {mask_ratio}")
+
+
+def _valid_tokens(padding: Tensor | None, batch: int, n_tokens: int) -> Tensor:
+    """(B, N) bool on the CPU, True on tokens that may be kept."""
+    if padding is None:
+        return torch.ones(batch, n_tokens, dtype=torch.bool)
+    if tuple(padding.shape) != (batch, n_tokens):
+        raise ValueError(
+            f"padding must have shape ({batch}, {n_tokens}), got {tuple(padding.shape)}"
+        )
+    return ~padding.detach().to("cpu", torch.bool)
+
+
+def keep_count(n_valid: Tensor, n_tokens: int, mask_ratio: float) -> int:
+    """The per-row keep count for rows with `n_valid` (B,) valid tokens (see the module doc)."""
+    _check_ratio(mask_ratio)
+    keep_frac = 1.0 - float(mask_ratio)
+    nonempty = [int(v) for v in n_valid.tolist() if int(v) > 0] or [n_tokens]
+    return max(1, min(round(v * keep_frac) for v in nonempty))
+
+
+def _select(score: Tensor, k: int, device: torch.device | str | None) -> Tensor:
+    """keep (B, N): True at the k highest scores of each row."""
+    idx = score.topk(k, dim=1).indices
+    keep = torch.zeros(score.shape, dtype=torch.bool).scatter_(1, idx, True)
+    return keep.to(device) if device is not None else keep
+
+
+def random_mask(
+    batch: int,
+    n_tokens: int,
+    mask_ratio: float,
+    generator: torch.Generator,
+    padding: Tensor | None = None,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """Uniform random keep mask (B, N): each row keeps `keep_count` tokens chosen uniformly
+    among its valid ones (MAE / BEATs `random_masking`: a random permutation per row).
+
+    `device` defaults to `padding`'s device (CPU without padding)."""
+    _check_ratio(mask_ratio)
+    if batch < 1 or n_tokens < 1:
+        raise ValueError(f"mask shape must be positive, got ({batch}, {n_tokens})")
+    if device is None and padding is not None:
+        device = padding.device
+    valid = _valid_tokens(padding, batch, n_tokens)
+    k = keep_count(valid.sum(1), n_tokens, mask_ratio)
+    # Uniform scores in [0, 1); padding is pushed below every valid token.
+    score = torch.rand(batch, n_tokens, generator=generator) - 2.0 * (~valid)
+    return _select(score, k, device)
+
+
+def inverse_block_mask(
+    batch: int,
+    n_time: int,
+    n_freq: int,
+    mask_ratio: float,
+    block_size: int,
+    generator: torch.Generator,
+    padding: Tensor | None = None,
+    mask_prob_adjust: float = 0.0,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """data2vec 2.0 inverse block mask (B, N = n_time * n_freq), True = kept (visible).
+
+    Reproduces `compute_block_mask_2d(..., inverse_mask=True, require_same_masks=True)`
+    (cwx-worst-one/EAT `utils/data_utils.py`, the same function as fairseq
+    `fairseq/data/data_utils.py` that data2vec 2.0's `modalities/images.py` calls):
+    1. with p = 1 - mask_ratio the fraction to keep, int(N * (p + mask_prob_adjust) /
+       block_size**2) block centres are drawn uniformly with replacement (EAT uses
+       mask_prob_adjust 0.07: more blocks than needed, because blocks overlap);
+    2. each centre marks a block_size x block_size square around it (offset block_size // 2),
+       its coordinates clamped to the grid (a block at an edge is squashed against it);
+    3. the exact count is enforced: surplus marked tokens are unmarked uniformly at random,
+       missing ones are added uniformly among the unmarked valid tokens.
+    The marked tokens are the kept ones (the official code builds the complement and inverts it).
+
+    Differences from the official code: centres are drawn among each row's valid tokens and the
+    number of centres comes from that row's valid count (at least one centre); the count is
+    `keep_count` (round instead of floor, padding-aware, see the module docstring).
+    `device` defaults to `padding`'s device (CPU without padding).
+    """
+    _check_ratio(mask_ratio)
+    if int(block_size) != block_size or block_size < 1:
+        raise ConfigError(f"mask block size must be an integer >= 1, got {block_size}")
+    if 1.0 - float(mask_ratio) + float(mask_prob_adjust) <= 0.0:
+        raise ConfigError(
+            f"mask_prob_adjust {mask_prob_adjust} leaves no block to keep at ratio {mask_ratio}"
+        )
+    if batch < 1 or n_time < 1 or n_freq < 1:
+        raise ValueError(f"mask shape must be positive, got ({batch}, {n_time}, {n_freq})")
+    block_size = int(block_size)
+    n = n_time * n_freq
+    if device is None and padding is not None:
+        device = padding.device
+    valid = _valid_tokens(padding, batch, n)
+    n_valid = valid.sum(1)  # (B,)
+    k = keep_count(n_valid, n, mask_ratio)
+
+    # 1. Block centres: per row, floor(n_valid * (p + adjust) / bs^2) of them (at least one).
+    density = (1.0 - float(mask_ratio) + float(mask_prob_adjust)) / block_size**2
+    n_centres = (n_valid.double() * density).floor().long().clamp(min=1) * (n_valid > 0)
+    max_centres = max(int(n_centres.max()), 1)
+    u = torch.rand(batch, max_centres, generator=generator)
+    # Valid positions first (a stable sort keeps their order), then the u-quantile among them.
+    order = torch.sort((~valid).to(torch.int8), dim=1, stable=True).indices  # (B, N)
+    pick = (u * n_valid[:, None]).long().clamp(max=n - 1)
+    pick = torch.minimum(pick, (n_valid[:, None] - 1).clamp(min=0))
+    centre = torch.gather(order, 1, pick)  # (B, max_centres) flat token index
+    active = torch.arange(max_centres)[None, :] < n_centres[:, None]  # (B, max_centres)
+
+    # 2. Squares around the centres, clamped to the grid.
+    offsets = torch.arange(block_size) - block_size // 2
+    t = (centre // n_freq)[:, :, None, None] + offsets[None, None, :, None]
+    f = (centre % n_freq)[:, :, None, None] + offsets[None, None, None, :]
+    t = t.clamp(0, n_time - 1)
+    f = f.clamp(0, n_freq - 1)
+    idx = (t * n_freq + f).reshape(batch, -1)  # (B, max_centres * bs * bs)
+    hits = active[:, :, None, None].expand(-1, -1, block_size, block_size).reshape(batch, -1)
+    marked = torch.zeros(batch, n).scatter_add_(1, idx, hits.float()) > 0
+    marked &= valid
+
+    # 3. Exact count k: marked tokens first (a random subset when there are too many), then
+    # random valid unmarked ones, padding last (only empty rows reach it).
+    score = torch.rand(batch, n, generator=generator) + 2.0 * marked - 4.0 * (~valid)
+    return _select(score, k, device)
