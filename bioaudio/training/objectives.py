@@ -43,6 +43,8 @@ class PretrainInputs:
     pair_group   (B,) int64: clips sharing a non-negative id are extra positives of each other
                  (the `positive/` folder); -1 = no group
     index        (B,) dataset indices of the clips
+    wav, padding_mask  (B, S) the waveforms and their sample padding mask (True = pad), for
+                 terms that featurise differently (a teacher with another frontend)
     student_utterance  (B, D) the student's utterance embedding of the main view, set by the
                  task from an earlier objective's output (EAT's CLS averaged over its clone
                  views) so a later term (the memory bank) need not run the student again
@@ -56,6 +58,8 @@ class PretrainInputs:
     labels: Tensor | None = None
     pair_group: Tensor | None = None
     index: Tensor | None = None
+    wav: Tensor | None = None
+    padding_mask: Tensor | None = None
     student_utterance: Tensor | None = None
 
 
@@ -102,6 +106,11 @@ class Objective(nn.Module):
         """An EMA copy of the student encoder this objective already keeps (EAT's teacher),
         which the memory-bank term can use as its key encoder instead of keeping another."""
         return None
+
+    def export(self, model: nn.Module, out_dir: Any, provenance: dict[str, Any]) -> bool:
+        """Write the run's export into the new empty folder `out_dir` when this objective's
+        product is not the model itself (a tokenizer); False: the model is exported."""
+        return False
 
     def state_extra(self) -> dict[str, Any]:
         """Resumable state that is neither a parameter nor a buffer (rarely needed)."""

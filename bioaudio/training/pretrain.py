@@ -210,6 +210,8 @@ class PretrainTask(Task):
             labels=batch.get("target"),
             pair_group=torch.as_tensor(group, device=fbank.device) if group is not None else None,
             index=batch.get("index"),
+            wav=batch["wav"],
+            padding_mask=batch.get("padding_mask"),
         )
 
     def training_step(self, model: nn.Module, batch: dict[str, Any], ctx: TaskContext) -> Tensor:
@@ -236,8 +238,13 @@ class PretrainTask(Task):
         return {}
 
     def export(self, model: nn.Module, out_dir: Path, ctx: TaskContext) -> bool:
-        """The student model (frontend + encoder, no head) as an export folder."""
-        export_classifier(model, out_dir, {**self.provenance, "step": ctx.step})
+        """The student model (frontend + encoder, no head) as an export folder, unless an
+        objective exports its own product (a tokenizer)."""
+        provenance = {**self.provenance, "step": ctx.step}
+        for obj in ctx.parts.values():
+            if obj.export(model, out_dir, provenance):
+                return True
+        export_classifier(model, out_dir, provenance)
         return True
 
 
