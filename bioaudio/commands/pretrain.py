@@ -71,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
     if summary["status"] != "completed":
         say(f"interrupted at step {summary['steps']}; run the same command again to continue")
         return 130
-    say(f"pretrained model: {summary['export']} (loss {summary['final_loss']:.4g})")
+    loss = summary.get("final_loss")
+    say(f"pretrained model: {summary['export']}" + (f" (loss {loss:.4g})" if loss else ""))
     say(f"run directory: {cfg.out} (metrics.csv, config.json, state/)")
     return 0

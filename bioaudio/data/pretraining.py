@@ -150,7 +150,10 @@ def build_pretraining_data(source: Path, cfg: PretrainDataConfig) -> PretrainDat
         )
         table = table[~short].reset_index(drop=True)
     if len(table) == 0:
-        raise DataError(f"{source}: no clip of at least {MIN_PATCH_SECONDS} s to pretrain on")
+        raise DataError(
+            f"{source}: nothing to pretrain on: every clip is shorter than one 16-frame patch "
+            f"({MIN_PATCH_SECONDS} s)"
+        )
     cols = ["path", "sample_rate", "frames", "duration", "channels", "start", "end", "labels",
             "recording", "pair_group"]  # fmt: skip
     table = table[[c for c in cols if c in table.columns]].reset_index(drop=True)
