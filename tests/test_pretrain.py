@@ -178,7 +178,7 @@ def test_supervised_and_pair_terms(demo, tmp_path, capsys):
         ("short", [], "shorter than"),
         ("demo", ["--eat.mask_ratio", "1.0"], "mask_ratio must be strictly between 0 and 1"),
         ("demo", ["--memory_bank.queue_size", "2"], "smaller than the global batch"),
-        ("demo", ["--objective", "beats:1"], "unknown objective"),
+        ("demo", ["--objective", "mae:1"], "unknown objective"),
         ("demo", ["--objective", "eat:x"], "is not a number"),
         ("demo", ["--segment_duration", "0.1"], "segment_duration must be at least"),
         ("demo", ["--objective", "supervised:1"], "needs labelled clips"),

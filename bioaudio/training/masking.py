@@ -17,13 +17,12 @@ Keep count. Without padding every row keeps k = round(N * (1 - mask_ratio)) toke
 `round`, at least 1). The official `compute_block_mask_2d` uses int() (floor) instead; the two
 differ only when N * (1 - mask_ratio) has a fractional part >= 0.5.
 
-Padding (optional `padding` (B, N), True = padding token): padding tokens are never kept. So
-that every row still masks at least `mask_ratio` of its own valid tokens while all rows keep the
-same count, k = max(1, min over rows of round(n_valid * (1 - mask_ratio))): the row with the
-fewest valid tokens sets the count and longer rows in the same batch are masked a little more
-than `mask_ratio`. Rows without any valid token (empty clips) do not lower k; they keep k of
-their padding tokens, which the encoders hide in attention and which carry no loss. This is the
-only case where a padding token is kept.
+Padding (optional `padding` (B, N), True = padding token): each row keeps
+k_i = max(1, round(n_valid_i * (1 - mask_ratio))) of its own valid tokens, so every clip is masked
+at `mask_ratio` whatever it is batched with, and then as many of its padding tokens as it takes
+to reach the batch's largest count (a shorter clip has that much padding). The encoders hide
+padding tokens from attention and no loss is computed on them, so these fillers only make the
+rows stackable. Rows without any valid token (empty clips) keep padding tokens only.
 """
 
 from __future__ import annotations
@@ -33,7 +32,7 @@ from torch import Tensor
 
 from bioaudio.errors import ConfigError
 
-__all__ = ["inverse_block_mask", "keep_count", "random_mask"]
+__all__ = ["inverse_block_mask", "keep_count", "keep_counts", "random_mask"]
 
 
 def _check_ratio(mask_ratio: float) -> None:
@@ -52,18 +51,41 @@ def _valid_tokens(padding: Tensor | None, batch: int, n_tokens: int) -> Tensor:
     return ~padding.detach().to("cpu", torch.bool)
 
 
-def keep_count(n_valid: Tensor, n_tokens: int, mask_ratio: float) -> int:
-    """The per-row keep count for rows with `n_valid` (B,) valid tokens (see the module doc)."""
+def keep_counts(n_valid: Tensor, mask_ratio: float) -> Tensor:
+    """(B,) valid tokens each row keeps: max(1, round(n_valid * (1 - mask_ratio))), 0 for rows
+    without valid tokens (see the module docstring)."""
     _check_ratio(mask_ratio)
     keep_frac = 1.0 - float(mask_ratio)
-    nonempty = [int(v) for v in n_valid.tolist() if int(v) > 0] or [n_tokens]
-    return max(1, min(round(v * keep_frac) for v in nonempty))
+    k = torch.tensor([max(1, round(int(v) * keep_frac)) for v in n_valid.tolist()])
+    return k * (n_valid > 0)
 
 
-def _select(score: Tensor, k: int, device: torch.device | str | None) -> Tensor:
-    """keep (B, N): True at the k highest scores of each row."""
-    idx = score.topk(k, dim=1).indices
-    keep = torch.zeros(score.shape, dtype=torch.bool).scatter_(1, idx, True)
+def keep_count(n_valid: Tensor, n_tokens: int, mask_ratio: float) -> int:
+    """Tokens every row keeps (valid ones plus padding fillers): the largest per-row count."""
+    k = keep_counts(n_valid, mask_ratio)
+    return int(k.max()) if bool((k > 0).any()) else max(1, round(n_tokens * (1 - mask_ratio)))
+
+
+def _select(
+    score: Tensor, valid: Tensor, k_rows: Tensor, device: torch.device | str | None
+) -> Tensor:
+    """keep (B, N): per row the k_i valid tokens of highest score, then padding tokens (first
+    ones) up to the batch count K = max k_i; a row with too little padding keeps more valid
+    tokens instead (a rounding corner case)."""
+    b, n = score.shape
+    k_total = (
+        int(k_rows.max()) if bool((k_rows > 0).any()) else int(keep_count(valid.sum(1), n, 0.5))
+    )
+    k_total = max(1, min(k_total, n))
+    order = score.masked_fill(~valid, float("-inf")).argsort(dim=1, descending=True, stable=True)
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(n).expand(b, n))
+    keep = valid & (rank < k_rows[:, None])
+    pad = ~valid
+    need = k_total - keep.sum(1)
+    keep |= pad & (pad.long().cumsum(1) <= need[:, None])
+    short = k_total - keep.sum(1)  # rows that ran out of padding take more valid tokens
+    if bool((short > 0).any()):
+        keep |= valid & (rank < (k_rows + short)[:, None])
     return keep.to(device) if device is not None else keep
 
 
@@ -85,10 +107,9 @@ def random_mask(
     if device is None and padding is not None:
         device = padding.device
     valid = _valid_tokens(padding, batch, n_tokens)
-    k = keep_count(valid.sum(1), n_tokens, mask_ratio)
-    # Uniform scores in [0, 1); padding is pushed below every valid token.
-    score = torch.rand(batch, n_tokens, generator=generator) - 2.0 * (~valid)
-    return _select(score, k, device)
+    k_rows = keep_counts(valid.sum(1), mask_ratio)
+    score = torch.rand(batch, n_tokens, generator=generator)  # uniform among valid tokens
+    return _select(score, valid, k_rows, device)
 
 
 def inverse_block_mask(
@@ -136,7 +157,7 @@ def inverse_block_mask(
         device = padding.device
     valid = _valid_tokens(padding, batch, n)
     n_valid = valid.sum(1)  # (B,)
-    k = keep_count(n_valid, n, mask_ratio)
+    k_rows = keep_counts(n_valid, mask_ratio)
 
     # 1. Block centres: per row, floor(n_valid * (p + adjust) / bs^2) of them (at least one).
     density = (1.0 - float(mask_ratio) + float(mask_prob_adjust)) / block_size**2
@@ -161,7 +182,7 @@ def inverse_block_mask(
     marked = torch.zeros(batch, n).scatter_add_(1, idx, hits.float()) > 0
     marked &= valid
 
-    # 3. Exact count k: marked tokens first (a random subset when there are too many), then
-    # random valid unmarked ones, padding last (only empty rows reach it).
-    score = torch.rand(batch, n, generator=generator) + 2.0 * marked - 4.0 * (~valid)
-    return _select(score, k, device)
+    # 3. Exact count k_i: marked tokens first (a random subset when there are too many), then
+    # random valid unmarked ones; padding fillers up to the batch count (module docstring).
+    score = torch.rand(batch, n, generator=generator) + 2.0 * marked
+    return _select(score, valid, k_rows, device)
