@@ -1,4 +1,7 @@
-"""BEATs encoder (official-checkpoint compatible), its converter, and the acoustic tokenizers."""
+"""BEATs encoder (official-checkpoint compatible), its converter, the acoustic tokenizers and the
+pretraining objectives (imported lazily: inference never loads the training layer)."""
+
+from typing import Any
 
 from .model import BEATsConfig, BEATsEncoder, BEATsModel
 from .quantizer import NormEMAVectorQuantizer, QuantizerConfig
@@ -15,7 +18,16 @@ from .tokenizer import (
     save_tokenizer,
 )
 
+_OBJECTIVE_NAMES = (
+    "LabelPredictor",
+    "MaskedTokenConfig",
+    "MaskedTokenObjective",
+    "TokenizerObjective",
+    "TokenizerObjectiveConfig",
+)
+
 __all__ = [
+    *_OBJECTIVE_NAMES,
     "BEATsConfig",
     "BEATsEncoder",
     "BEATsModel",
@@ -32,3 +44,11 @@ __all__ = [
     "load_tokenizer",
     "save_tokenizer",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _OBJECTIVE_NAMES:
+        from . import objective
+
+        return getattr(objective, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -173,6 +173,24 @@ register_objective(
 )
 register_objective(
     ObjectiveSpec(
+        "beats",
+        "beats.objective",
+        "MaskedTokenObjective",
+        ("beats",),
+        "BEATs masked-token prediction: tokenizer labels of dropped patches (cross-entropy)",
+    )
+)
+register_objective(
+    ObjectiveSpec(
+        "beats_tokenizer",
+        "beats.objective",
+        "TokenizerObjective",
+        ("beats",),
+        "train a BEATs tokenizer by distillation from --beats_tokenizer.teacher (iteration 2+)",
+    )
+)
+register_objective(
+    ObjectiveSpec(
         "memory_bank",
         "bioaudio.training.memory_bank",
         "MemoryBankObjective",
