@@ -165,9 +165,10 @@ def main(argv: list[str] | None = None) -> None:
         "max |diff| over log-mel values (float32 rounding; see tests/test_fbank.py)."
     )
 
-    # Where the time goes: self time per op of one call at the largest batch, BEATs setting.
+    # Where the time goes: self time per op of one call at the largest batch, BEATs setting, with
+    # the fewest threads (the steadiest measurement on a shared machine).
     device, batch = devices[0], max(batches)
-    torch.set_num_threads(threads[-1])
+    torch.set_num_threads(threads[0])
     wav = test_audio(batch, args.seconds, device)
     options = OPTIONS["beats"]
     for name, fn in (
@@ -179,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
             f"{k.removeprefix('aten::')} {share:.0%}" for k, share in profile(fn, device, args.top)
         )
         print(
-            f"\n{name} ({device.type}, {threads[-1]} threads, batch {batch}), top ops by self time:\n  {ops}"
+            f"\n{name} ({device.type}, {threads[0]} threads, batch {batch}), top ops by self time:\n  {ops}"
         )
 
 

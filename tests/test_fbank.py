@@ -195,6 +195,13 @@ def test_batched_equals_one_at_a_time(kind):
             clip = wav[b, :n]
             assert_close_kaldi(batched[b, :t], clip, options, alone[0])
             assert_close_kaldi(small_chunks[b, :t], clip, options, alone[0])
+    # Unpadded batch (the copy-free path), chunked finer than one frame per clip.
+    wav, _ = padded_batch([9001, 9001, 9001], seed=4)
+    small_chunks, frames = kaldi_fbank_batch(wav, None, options, chunk_frames=2)
+    assert frames.tolist() == [54, 54, 54] and small_chunks.shape[1] == 54
+    for b in range(3):
+        alone = official_preprocess(kind, wav[b])
+        assert_close_kaldi(small_chunks[b], wav[b], options, alone)
 
 
 def test_beats_official_fixture(official_fixtures):
