@@ -40,6 +40,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "bioaudio.commands.pretrain",
         "self-supervised pretraining of an EAT / BEATs encoder on unlabelled audio",
     ),
+    "finetune": (
+        "bioaudio.commands.finetune",
+        "finetune a BEATs / EAT encoder into a classifier over seeds and folds",
+    ),
     "infer": ("bioaudio.commands.infer", "classify a file or a folder with a trained model"),
     "convert": (
         "bioaudio.commands.convert",

@@ -212,6 +212,12 @@ class EATEncoder(Encoder):
             name, "blocks", self.cfg.depth, ("local_encoder", "extra_tokens", "pre_norm")
         )
 
+    def set_drop_path(self, rate: float) -> None:
+        """Stochastic depth for finetuning: linear from 0 to `rate` at the last block."""
+        self.cfg.drop_path_rate = float(rate)
+        for block, r in zip(self.blocks, np.linspace(0.0, rate, self.cfg.depth)):
+            block.drop_path = DropPath(float(r)) if r > 0 else nn.Identity()
+
     def describe(self) -> str:
         c = self.cfg
         seconds = c.max_length * c.patch_size / 100

@@ -27,12 +27,15 @@ def _as_index(y_true: np.ndarray) -> np.ndarray:
 def single_label_metrics(
     y_true: np.ndarray, scores: np.ndarray, class_names: list[str]
 ) -> dict[str, object]:
-    """Accuracy, balanced accuracy, macro-F1, per-class report and confusion matrix.
+    """Accuracy, balanced accuracy, macro-F1, one-vs-rest mAP and macro AUROC (probabilities
+    only), per-class report and confusion matrix.
 
     `y_true` (N,) class indices (or one-hot (N, C)); `scores` (N, C) logits or probabilities.
     """
     y = _as_index(np.asarray(y_true))
     pred = np.asarray(scores).argmax(axis=1)
+    onehot = np.eye(len(class_names), dtype=int)[y] if len(y) else np.zeros((0, len(class_names)))
+    ranking = multi_label_metrics(onehot, np.asarray(scores), class_names) if len(y) else {}
     labels = list(range(len(class_names)))
     cm = skm.confusion_matrix(y, pred, labels=labels)
     report = skm.classification_report(
@@ -51,6 +54,8 @@ def single_label_metrics(
         )
         if len(y)
         else 0.0,
+        "mAP": float(ranking.get("mAP", 0.0)),
+        "auroc": float(ranking.get("auroc", 0.0)),
         "per_class": {c: report[c] for c in class_names},
         "confusion": cm.tolist(),
     }

@@ -12,15 +12,16 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from bioaudio.fileio import atomic_path  # noqa: E402
+
 
 def _save(fig: plt.Figure, path: str | Path) -> Path:
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    tmp.replace(p)
-    return p
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
+    finally:
+        plt.close(fig)
+    return Path(path)
 
 
 def plot_history(history: pd.DataFrame, path: str | Path, title: str = "") -> Path:
@@ -146,4 +147,26 @@ def plot_bar(
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(axis="y", alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_pr_curves(
+    targets: np.ndarray, scores: np.ndarray, names: Sequence[str], path: str | Path, title: str = ""
+) -> Path:
+    """Precision-recall curve per class (one-vs-rest; `targets` (N, C) multi-hot), average
+    precision in the legend; classes without a positive are left out."""
+    from sklearn.metrics import average_precision_score, precision_recall_curve
+
+    y = np.asarray(targets).astype(int)
+    s = np.asarray(scores, dtype=np.float64)
+    fig, ax = plt.subplots(figsize=(6.5, 5))
+    for c, name in enumerate(names):
+        if y[:, c].sum() == 0:
+            continue
+        precision, recall, _ = precision_recall_curve(y[:, c], s[:, c])
+        ap = average_precision_score(y[:, c], s[:, c])
+        ax.plot(recall, precision, lw=1.2, label=f"{name} (AP {ap:.2f})")
+    ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02), title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower left", ncol=1 + len(names) // 12)
     return _save(fig, path)

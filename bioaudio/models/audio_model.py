@@ -69,6 +69,11 @@ class AudioModel(nn.Module):
         """True when the encoder produces a CLS vector (EAT; BEATs only with cls_token)."""
         return bool(self.encoder.has_cls)
 
+    def set_frontend(self, frontend: FrontendConfig) -> None:
+        """Replace the preprocessing (e.g. normalisation statistics recomputed on one's data)."""
+        self.frontend_cfg = frontend
+        self.frontend = build_frontend(frontend)
+
     def describe(self) -> str:
         """One line: model type and encoder size."""
         return f"{self.model_type} ({self.encoder.describe()})"

@@ -665,7 +665,11 @@ def export_classifier(
     model: torch.nn.Module, out_dir: str | Path, provenance: dict[str, Any] | None = None
 ) -> Path:
     """Write an export; into `out_dir` directly when it is a new empty folder (the Trainer hands
-    over one it moves into place itself), else atomically through `save_export`."""
+    over one it moves into place itself), else atomically through `save_export`. A training
+    wrapper names what it exports with `export_target()` (a frozen-encoder probe: the whole
+    model)."""
+    target = getattr(model, "export_target", None)
+    model = target() if callable(target) else model
     out = Path(out_dir)
     if out.is_dir() and not any(out.iterdir()):
         write_export(model, out, provenance)

@@ -89,8 +89,10 @@ class LoopOptions:
         """Raise ConfigError for loop values that cannot work (checked before any training)."""
         for name in ("batch_size", "grad_accum", "keep_last"):
             _check_int(name, getattr(self, name), 1)
-        for name in ("warmup_steps", "num_workers", "max_bad_steps"):
+        for name in ("num_workers", "max_bad_steps"):
             _check_int(name, getattr(self, name), 0)
+        if self.warmup_steps is not None:  # a command may leave it to each run (None)
+            _check_int("warmup_steps", self.warmup_steps, 0)
         if self.batch_size % self.grad_accum:
             raise ConfigError(
                 f"--batch_size {self.batch_size} is not divisible by --grad_accum {self.grad_accum}"

@@ -33,6 +33,7 @@ import json
 import math
 import os
 import warnings
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,18 +51,21 @@ from bioaudio.data.features import FeatureDataset, find_cache, frames_for_second
 from bioaudio.data.frontend import FrontendConfig
 from bioaudio.data.manifest import read_manifest, split_labels
 from bioaudio.data.splits import SplitConfig, assign_splits, split_manifest, strata_of
-from bioaudio.errors import ConfigError, DataError
+from bioaudio.errors import ConfigError, DataError, first_line
 from bioaudio.fileio import save_json_atomic, write_csv_atomic
-from bioaudio.inference.metrics import classification_report, row_normalised
-from bioaudio.inference.predict import load_classifier, predict_clips
+from bioaudio.training.artifacts import (
+    RUN_SUMMARY,
+    TEST_METRICS,
+    format_summary,
+    read_history,
+    run_summary,
+    write_run_artifacts,
+)
 from bioaudio.training.classification import ClassificationTask
 from bioaudio.training.config import LoopOptions, TrainConfig
+from bioaudio.training.frozen import CachedWindows, EncoderOutputCache, FrozenEncoderClassifier
 from bioaudio.training.loop import Trainer
 from bioaudio.training.rundir import model_identity
-
-RUN_SUMMARY = "run_summary.csv"
-TEST_METRICS = "test_metrics.json"
-
 
 # ----------------------------------------------------------------------------------------------
 # Options
@@ -375,8 +379,20 @@ class Experiment:
                 f"{self.manifest}: a single class ({names[0]}); a classifier needs two or more"
             )
         self.class_names, self.multi_label = names, multi
+        self.linear_probe = bool(getattr(cfg, "linear_probe", False))
         probe = self.build_model(0)  # unknown model names and bad options fail here
         self.waveform_model = getattr(probe, "input", "features") == "waveform"
+        self.encoder_cache = None
+        if self.linear_probe:
+            if cfg.spec_augment or cfg.mixup_alpha > 0 or self.wave is not None:
+                raise ConfigError(
+                    "a linear probe trains on encoder outputs computed once: SpecAugment, "
+                    "mixup and waveform augmentations do not apply (drop them or finetune)"
+                )
+            self.encoder_cache = EncoderOutputCache(
+                probe.model, batch_size=cfg.eval_batch_size or 16, progress=cfg.progress
+            )
+            self.notes.append("linear probe: frozen encoder, its outputs computed once")
         if cfg.spec_augment and self.waveform_model:
             raise ConfigError("--spec_augment needs a model that takes features, not the waveform")
         self.cache = self._resolve_cache()
@@ -394,7 +410,8 @@ class Experiment:
 
     def build_model(self, seed: int) -> nn.Module:
         torch.manual_seed(seed)  # initial weights are part of what a seed decides
-        return self._build(seed, self.class_names, self.multi_label)
+        model = self._build(seed, self.class_names, self.multi_label)
+        return FrozenEncoderClassifier(model) if self.linear_probe else model
 
     def task(
         self, plan: RunPlan | None, eval_groups: np.ndarray | None = None
@@ -425,7 +442,7 @@ class Experiment:
         """The opened feature cache to train from, or None (features from audio)."""
         cfg = self.cfg
         choice = cfg.features.strip()
-        if choice.lower() == "none":
+        if choice.lower() == "none" or self.linear_probe:
             return None
         explicit = choice.lower() != "auto"
         if self.waveform_model:
@@ -558,6 +575,8 @@ class Experiment:
         """(train dataset, validation dataset or None, validation group per item or None)."""
         cfg = self.cfg
         common = dict(class_names=self.class_names, multi_label=self.multi_label)
+        if self.encoder_cache is not None:
+            return self._cached_encoder_datasets(plan)
         if self.cache is not None:
             rows_of = self.cache.items["manifest_row"].to_numpy()
             frames = max(1, frames_for_seconds(self.frontend, cfg.clip_seconds))
@@ -601,6 +620,48 @@ class Experiment:
                 val = AudioDataset(windows, sample_rate=sr, clip_seconds=cfg.clip_seconds, **common)
                 groups = val.df["segment_index"].to_numpy()
         return train, val, groups
+
+    def _cached_encoder_datasets(self, plan: RunPlan) -> tuple[Any, Any, Any]:
+        """Linear probe: windows of the training rows (every --clip_seconds) and of the
+        validation rows (every --eval_hop), read from the encoder cache."""
+        cfg, cache = self.cfg, self.encoder_cache
+        assert cache is not None
+        common = dict(class_names=self.class_names, multi_label=self.multi_label, min_seconds=0.0)
+        out: list[Any] = []
+        for rows, hop in ((plan.train, cfg.clip_seconds), (plan.val, cfg.eval_hop)):
+            if len(rows) == 0:
+                out.append(None)
+                continue
+            windows = segment_windows(self.df.iloc[rows], cfg.clip_seconds, hop)
+            cache.fill(windows, cfg.clip_seconds)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                labelled = AudioDataset(windows, **common)
+            out.append(CachedWindows(cache, windows, labelled))
+        train, val = out
+        groups = val.windows["segment_index"].to_numpy() if val is not None else None
+        return train, val, groups
+
+    def sample_weights(self, dataset: Any) -> np.ndarray | None:
+        """Per-item sampling weights: class-balanced (--balanced_sampling: each class drawn
+        equally often; multi-label: a clip weighs the mean of its labels' weights; unlabelled
+        clips weigh like the rarest class) or from --weights (a CSV filename,weight)."""
+        cfg = self.cfg
+        balanced = bool(getattr(cfg, "balanced_sampling", False))
+        weights_file = getattr(cfg, "weights", None)
+        if not balanced and weights_file is None:
+            return None
+        table = getattr(dataset, "df", None)
+        if table is None or "labels" not in table:
+            raise ConfigError("balanced sampling / --weights need a dataset read from audio")
+        if weights_file is not None:
+            return _weights_from_file(Path(weights_file), table)
+        labels = [split_labels(v) for v in table["labels"]]
+        counts = Counter(n for labs in labels for n in labs)
+        rarest = 1.0 / min(counts.values()) if counts else 1.0
+        return np.array(
+            [np.mean([1.0 / counts[n] for n in labs]) if labs else rarest for labs in labels]
+        )
 
     # ---- running
 
@@ -646,6 +707,7 @@ class Experiment:
             out_dir=run_dir,
             seed=plan.seed,
             max_steps=max_steps,
+            warmup_steps=cfg.warmup_steps if cfg.warmup_steps is not None else max_steps // 10,
             eval_every=eval_every if val_ds is not None else 0,
             save_every=save_every,
             log_every=log_every,
@@ -681,6 +743,7 @@ class Experiment:
             optimizer=self.param_groups(model) if self.param_groups else None,
             run_config=run_config,
             identity=self._identity_extra,
+            sample_weights=self.sample_weights(train_ds),
         )
         say(f"\n== {plan.name}: {len(train_ds)} training items, {max_steps} steps -> {run_dir}")
         summary = trainer.fit()
@@ -691,110 +754,12 @@ class Experiment:
     def write_artifacts(
         self, plan: RunPlan, summary: dict[str, Any], accelerator: Any
     ) -> dict[str, Any]:
-        """Test metrics of the best model (clip level), predictions, confusion matrices, curves."""
-        from bioaudio.inference.plots import plot_confusion, plot_history
-
-        cfg, run_dir, names = self.cfg, self.root / plan.name, self.class_names
-        chosen = "best" if (run_dir / "best" / "config.json").is_file() else "export"
-        model = load_classifier(run_dir / chosen)
-        test_df = self.df.iloc[plan.test].reset_index(drop=True)
-        clips = predict_clips(
-            model,
-            test_df,
-            window=cfg.clip_seconds,
-            hop=cfg.eval_hop,
-            batch_size=cfg.eval_batch_size or max(1, cfg.batch_size // accelerator.num_processes),
-            num_workers=cfg.num_workers,
-            accelerator=accelerator,
-            progress=cfg.progress and accelerator.is_main_process,
-            desc="test",
-        )
-        report = classification_report(clips.scores, clips.targets, names, self.multi_label)
-        if accelerator.is_main_process:
-            save_json_atomic(run_dir / "class_names.json", names)
-            pred = test_df.iloc[clips.rows][["path", "start", "end", "labels"]]
-            pred = pred.reset_index(drop=True)
-            if self.multi_label:
-                pred["predicted"] = [
-                    ",".join(n for n, p in zip(names, row) if p >= 0.5) for row in clips.scores
-                ]
-            else:
-                pred["predicted"] = [names[i] for i in clips.scores.argmax(axis=1)]
-            pred["probability"] = clips.scores.max(axis=1)
-            for c, n in enumerate(names):
-                pred[f"p_{n}"] = clips.scores[:, c]
-            write_csv_atomic(pred, run_dir / "test_predictions.csv")
-            if not self.multi_label:
-                cm = np.asarray(report["confusion"])
-                counts = pd.DataFrame(cm, index=names, columns=names)
-                counts.index.name = "true \\ predicted"
-                write_csv_atomic(counts, run_dir / "confusion_counts.csv", index=True)
-                norm = pd.DataFrame(row_normalised(cm), index=names, columns=names)
-                norm.index.name = "true \\ predicted"
-                write_csv_atomic(
-                    norm, run_dir / "confusion_normalised.csv", index=True, float_format="%.6g"
-                )
-                title = f"{plan.name}: test accuracy {report['accuracy']:.3f}"
-                plot_confusion(cm, names, run_dir / "confusion.png", normalise=True, title=title)
-                plot_confusion(cm, names, run_dir / "confusion_counts.png", normalise=False)
-            history = read_history(run_dir)
-            if history is not None:
-                write_csv_atomic(history, run_dir / "history.csv")
-                plot_history(
-                    history,
-                    run_dir / "curves.png",
-                    title=f"{self.name} {plan.name}",
-                )
-            record = {
-                **report,
-                "model": chosen,
-                "best": summary.get("best"),
-                "steps": summary.get("steps"),
-                "run": plan.name,
-                "seed": plan.seed,
-                "fold": plan.fold,
-                "clip_seconds": cfg.clip_seconds,
-                "eval_hop": cfg.eval_hop or cfg.clip_seconds,
-                "windows": len(clips.windows),
-            }
-            save_json_atomic(run_dir / TEST_METRICS, record)  # last: marks the run finished
-        accelerator.wait_for_everyone()
-        return report
+        """Test metrics of the best model, predictions, confusion, curves, report.md."""
+        return write_run_artifacts(self, plan, summary, accelerator)
 
     def summary(self) -> pd.DataFrame:
-        """One row per run (from its test_metrics.json and summary.json), then mean and std rows
-        (sample standard deviation, ddof=1) of every metric column."""
-        metric_keys = (
-            ["mAP", "auroc", "macro_f1", "micro_f1"]
-            if self.multi_label
-            else ["accuracy", "balanced_accuracy", "macro_f1"]
-        )
-        rows = []
-        for plan in self.plans:
-            d = self.root / plan.name
-            tm, sm = _read_json(d / TEST_METRICS) or {}, _read_json(d / "summary.json") or {}
-            best = sm.get("best") or {}
-            row: dict[str, Any] = {"run": plan.name, "fold": plan.fold, "seed": plan.seed}
-            row.update({f"test_{k}": tm.get(k) for k in metric_keys})
-            row["best_val"] = best.get("value")
-            row["best_step"] = best.get("step")
-            row["steps"] = sm.get("steps")
-            row["n_test"] = tm.get("n")
-            row["train_time_s"] = sm.get("train_time_s")
-            rows.append(row)
-        table = pd.DataFrame(rows)
-        if self.plans[0].fold is None:
-            table = table.drop(columns="fold")
-        stat_cols = [f"test_{k}" for k in metric_keys] + ["best_val", "train_time_s"]
-        values = table[stat_cols].apply(pd.to_numeric, errors="coerce")
-        mean = {"run": "mean", **values.mean().to_dict()}
-        spread = values.std(ddof=1) if len(values) > 1 else values.iloc[0] * np.nan
-        std = {"run": "std", **spread.to_dict()}
-        table = pd.concat([table, pd.DataFrame([mean, std])], ignore_index=True)
-        for c in ("fold", "seed", "best_step", "steps", "n_test"):
-            if c in table and pd.api.types.is_numeric_dtype(table[c]):
-                table[c] = table[c].astype("Int64")
-        return table
+        """One row per run, then mean and std rows (see `artifacts.run_summary`)."""
+        return run_summary(self)
 
     # ---- sanity check
 
@@ -891,27 +856,25 @@ class _Items(torch.utils.data.Dataset):
         return self.items[i]
 
 
-def read_history(run_dir: Path) -> pd.DataFrame | None:
-    """metrics.csv reshaped for people: step, epoch, lr, train loss/accuracy, val_* metrics."""
-    path = run_dir / "metrics.csv"
+def _weights_from_file(path: Path, table: pd.DataFrame) -> np.ndarray:
+    """Weights of a CSV `filename,weight` for the rows of `table` (matched by path, else by file
+    name); every row must have one."""
     if not path.is_file():
-        return None
-    m = pd.read_csv(path)
-    keep = ["step", "epoch", "lr", "loss", "train_accuracy"]
-    cols = [c for c in keep if c in m.columns] + [c for c in m.columns if c.startswith("eval/")]
-    h = m[cols].rename(columns={c: "val_" + c[5:] for c in cols if c.startswith("eval/")})
-    return h.groupby("step", as_index=False).first()
-
-
-def format_summary(table: pd.DataFrame) -> str:
-    """run_summary.csv as an aligned text table."""
-    shown = table.astype(object).where(table.notna(), "")
-    for c in shown.columns:
-        if c.startswith("test_") or c == "best_val":
-            shown[c] = [f"{v:.4f}" if v != "" else "" for v in shown[c]]
-        elif c == "train_time_s":
-            shown[c] = [f"{v:.0f}" if v != "" else "" for v in shown[c]]
-    return shown.to_string(index=False)
+        raise ConfigError(f"--weights {path}: no such file")
+    try:
+        w = pd.read_csv(path)
+    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as e:
+        raise ConfigError(f"--weights {path}: cannot parse ({first_line(e)})") from e
+    if not {"filename", "weight"} <= set(w.columns):
+        raise ConfigError(f"--weights {path}: needs columns filename,weight")
+    by_name = dict(zip(w["filename"].astype(str), pd.to_numeric(w["weight"], errors="coerce")))
+    out = []
+    for p in table["path"]:
+        value = by_name.get(str(p), by_name.get(Path(p).name))
+        if value is None or not np.isfinite(value) or value < 0:
+            raise ConfigError(f"--weights {path}: no valid weight for {Path(p).name}")
+        out.append(float(value))
+    return np.asarray(out)
 
 
 __all__ = [

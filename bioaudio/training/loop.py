@@ -141,11 +141,14 @@ class Trainer:
         optimizer: torch.optim.Optimizer | Iterable[dict[str, Any]] | None = None,
         run_config: Mapping[str, Any] | Any | None = None,
         identity: Mapping[str, Any] | None = None,
+        sample_weights: np.ndarray | None = None,
     ):
         """`optimizer`: None (AdamW, no decay on biases/norms), param groups (a group may set
         `lr`, `lr_scale` relative to --lr, `weight_decay`), or a ready optimizer. `run_config`:
         the caller's resolved config, written to config.json. `identity`: extra keys that must
-        match on resume (e.g. preset, number of classes)."""
+        match on resume (e.g. preset, number of classes). `sample_weights` (one per item of a
+        map-style training set): every epoch draws its items with replacement in proportion to
+        them (class-balanced sampling, per-sample weights), seeded by (seed, epoch)."""
         cfg.validate()
         self.cfg, self.task = cfg, task
         self.out_dir = Path(cfg.out_dir)
@@ -198,6 +201,14 @@ class Trainer:
                     f"({self.dataset_len} items)"
                 )
             self.steps_per_epoch = self.dataset_len // cfg.batch_size
+        self.sample_weights = None
+        if sample_weights is not None:
+            w = np.asarray(sample_weights, dtype=np.float64)
+            if self._iterable or w.shape != (self.dataset_len,):
+                raise ConfigError("sample weights need one weight per item of a map-style dataset")
+            if not (np.isfinite(w).all() and (w >= 0).all() and w.sum() > 0):
+                raise ConfigError("sample weights must be finite, >= 0 and not all 0")
+            self.sample_weights = w / w.sum()
         if cfg.best_metric and eval_dataset is None:
             raise ConfigError(f"--best_metric {cfg.best_metric} needs an evaluation set")
         if (cfg.early_stopping or cfg.stop_at is not None) and not cfg.best_metric:
@@ -510,11 +521,13 @@ class Trainer:
             dataset = SeededItems(self.train_dataset, cfg.seed)  # type: ignore[arg-type]
             dataset.set_epoch(epoch)
             n = self.dataset_len or 0
-            order = (
-                np.random.default_rng([cfg.seed, epoch]).permutation(n)
-                if cfg.shuffle
-                else np.arange(n)
-            )
+            rng = np.random.default_rng([cfg.seed, epoch])
+            if self.sample_weights is not None:
+                order = rng.choice(n, size=n, replace=True, p=self.sample_weights)
+            elif cfg.shuffle:
+                order = rng.permutation(n)
+            else:
+                order = np.arange(n)
             sampler = RankBatchSampler(
                 order, batch=cfg.batch_size, micro=m, accum=A, rank=self.rank, start=start
             )

@@ -1,0 +1,217 @@
+"""What an experiment writes beside each run and over all runs: test metrics of the chosen
+model (clip level), predictions, confusion matrices, precision-recall curves, training curves, a
+short Markdown report, and run_summary.csv (mean +- std over seeds and folds)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from bioaudio.fileio import save_json_atomic, write_csv_atomic
+from bioaudio.inference.metrics import classification_report, row_normalised
+from bioaudio.inference.predict import load_classifier, predict_clips
+
+RUN_SUMMARY = "run_summary.csv"
+TEST_METRICS = "test_metrics.json"
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def write_run_artifacts(
+    exp: Any, plan: Any, summary: dict[str, Any], accelerator: Any
+) -> dict[str, Any]:
+    """Test metrics of the best model (clip level), predictions, confusion matrices,
+    precision-recall curves, training curves and report.md."""
+    from bioaudio.inference.plots import plot_confusion, plot_history, plot_pr_curves
+
+    cfg, run_dir, names = exp.cfg, exp.root / plan.name, exp.class_names
+    chosen = "best" if (run_dir / "best" / "config.json").is_file() else "export"
+    model = load_classifier(run_dir / chosen)
+    test_df = exp.df.iloc[plan.test].reset_index(drop=True)
+    clips = predict_clips(
+        model,
+        test_df,
+        window=cfg.clip_seconds,
+        hop=cfg.eval_hop,
+        batch_size=cfg.eval_batch_size or max(1, cfg.batch_size // accelerator.num_processes),
+        num_workers=cfg.num_workers,
+        accelerator=accelerator,
+        progress=cfg.progress and accelerator.is_main_process,
+        desc="test",
+    )
+    report = classification_report(clips.scores, clips.targets, names, exp.multi_label)
+    if accelerator.is_main_process:
+        save_json_atomic(run_dir / "class_names.json", names)
+        pred = test_df.iloc[clips.rows][["path", "start", "end", "labels"]]
+        pred = pred.reset_index(drop=True)
+        if exp.multi_label:
+            pred["predicted"] = [
+                ",".join(n for n, p in zip(names, row) if p >= 0.5) for row in clips.scores
+            ]
+        else:
+            pred["predicted"] = [names[i] for i in clips.scores.argmax(axis=1)]
+        pred["probability"] = clips.scores.max(axis=1)
+        for c, n in enumerate(names):
+            pred[f"p_{n}"] = clips.scores[:, c]
+        write_csv_atomic(pred, run_dir / "test_predictions.csv")
+        if not exp.multi_label:
+            cm = np.asarray(report["confusion"])
+            counts = pd.DataFrame(cm, index=names, columns=names)
+            counts.index.name = "true \\ predicted"
+            write_csv_atomic(counts, run_dir / "confusion_counts.csv", index=True)
+            norm = pd.DataFrame(row_normalised(cm), index=names, columns=names)
+            norm.index.name = "true \\ predicted"
+            write_csv_atomic(
+                norm, run_dir / "confusion_normalised.csv", index=True, float_format="%.6g"
+            )
+            title = f"{plan.name}: test accuracy {report['accuracy']:.3f}"
+            plot_confusion(cm, names, run_dir / "confusion.png", normalise=True, title=title)
+            plot_confusion(cm, names, run_dir / "confusion_counts.png", normalise=False)
+        targets = np.asarray(clips.targets)
+        if not exp.multi_label:
+            valid = targets >= 0
+            onehot = np.zeros((len(targets), len(names)), dtype=int)
+            onehot[np.flatnonzero(valid), targets[valid]] = 1
+            targets = onehot
+        plot_pr_curves(
+            targets, clips.scores, names, run_dir / "pr_curves.png", f"{exp.name} {plan.name}"
+        )
+        history = read_history(run_dir)
+        if history is not None:
+            write_csv_atomic(history, run_dir / "history.csv")
+            plot_history(history, run_dir / "curves.png", title=f"{exp.name} {plan.name}")
+        record = {
+            **report,
+            "model": chosen,
+            "best": summary.get("best"),
+            "steps": summary.get("steps"),
+            "run": plan.name,
+            "seed": plan.seed,
+            "fold": plan.fold,
+            "clip_seconds": cfg.clip_seconds,
+            "eval_hop": cfg.eval_hop or cfg.clip_seconds,
+            "windows": len(clips.windows),
+        }
+        write_report(exp, plan, record, run_dir)
+        save_json_atomic(run_dir / TEST_METRICS, record)  # last: marks the run finished
+    accelerator.wait_for_everyone()
+    return report
+
+
+def write_report(exp: Any, plan: Any, record: dict[str, Any], run_dir: Path) -> Path:
+    """report.md: what was trained, on what, the test numbers, the plots."""
+    cfg = exp.cfg
+    n = {k: len(getattr(plan, k)) for k in ("train", "val", "test")}
+    keys = (
+        ("mAP", "auroc", "macro_f1", "micro_f1", "subset_accuracy")
+        if exp.multi_label
+        else ("accuracy", "balanced_accuracy", "macro_f1", "mAP", "auroc")
+    )
+    lines = [
+        f"# {exp.name}: {plan.name}",
+        "",
+        f"- command: `{exp.command}`; manifest: `{exp.manifest}`",
+        f"- classes ({'multi-label' if exp.multi_label else 'single-label'}): "
+        + ", ".join(exp.class_names),
+        f"- clips: {n['train']} train, {n['val']} validation, {n['test']} test"
+        + (f" (test fold {plan.fold})" if plan.fold is not None else ""),
+        f"- seed {plan.seed}; {record.get('steps')} steps of batch {cfg.batch_size}, "
+        f"lr {cfg.lr:g}; clips of {cfg.clip_seconds:g} s",
+        f"- evaluated model: `{record.get('model')}/`"
+        + (
+            f" (best {record['best']['metric']} {record['best']['value']:.4f} at step "
+            f"{record['best']['step']})"
+            if record.get("best")
+            else ""
+        ),  # fmt: skip
+        "",
+        "| metric | test |",
+        "|---|---|",
+        *[f"| {k} | {record[k]:.4f} |" for k in keys if isinstance(record.get(k), float)],
+        "",
+        "| class | precision | recall | F1 | support |" if not exp.multi_label else "",
+        "|---|---|---|---|---|" if not exp.multi_label else "",
+    ]
+    if not exp.multi_label:
+        for name, r in record.get("per_class", {}).items():
+            lines.append(
+                f"| {name} | {r['precision']:.3f} | {r['recall']:.3f} | {r['f1-score']:.3f} | "
+                f"{int(r['support'])} |"
+            )
+    lines += ["", "![training curves](curves.png)", "", "![precision-recall](pr_curves.png)"]
+    if not exp.multi_label:
+        lines += ["", "![confusion matrix](confusion.png)"]
+    path = run_dir / "report.md"
+    from bioaudio.fileio import write_text_atomic
+
+    write_text_atomic(path, "\n".join(lines) + "\n")
+    return path
+
+
+def run_summary(exp: Any) -> pd.DataFrame:
+    """One row per run (from its test_metrics.json and summary.json), then mean and std rows
+    (sample standard deviation, ddof=1) of every metric column."""
+    metric_keys = (
+        ["mAP", "auroc", "macro_f1", "micro_f1"]
+        if exp.multi_label
+        else ["accuracy", "balanced_accuracy", "macro_f1"]
+    )
+    rows = []
+    for plan in exp.plans:
+        d = exp.root / plan.name
+        tm, sm = _read_json(d / TEST_METRICS) or {}, _read_json(d / "summary.json") or {}
+        best = sm.get("best") or {}
+        row: dict[str, Any] = {"run": plan.name, "fold": plan.fold, "seed": plan.seed}
+        row.update({f"test_{k}": tm.get(k) for k in metric_keys})
+        row["best_val"] = best.get("value")
+        row["best_step"] = best.get("step")
+        row["steps"] = sm.get("steps")
+        row["n_test"] = tm.get("n")
+        row["train_time_s"] = sm.get("train_time_s")
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    if exp.plans[0].fold is None:
+        table = table.drop(columns="fold")
+    stat_cols = [f"test_{k}" for k in metric_keys] + ["best_val", "train_time_s"]
+    values = table[stat_cols].apply(pd.to_numeric, errors="coerce")
+    mean = {"run": "mean", **values.mean().to_dict()}
+    spread = values.std(ddof=1) if len(values) > 1 else values.iloc[0] * np.nan
+    std = {"run": "std", **spread.to_dict()}
+    table = pd.concat([table, pd.DataFrame([mean, std])], ignore_index=True)
+    for c in ("fold", "seed", "best_step", "steps", "n_test"):
+        if c in table and pd.api.types.is_numeric_dtype(table[c]):
+            table[c] = table[c].astype("Int64")
+    return table
+
+
+def read_history(run_dir: Path) -> pd.DataFrame | None:
+    """metrics.csv reshaped for people: step, epoch, lr, train loss/accuracy, val_* metrics."""
+    path = run_dir / "metrics.csv"
+    if not path.is_file():
+        return None
+    m = pd.read_csv(path)
+    keep = ["step", "epoch", "lr", "loss", "train_accuracy"]
+    cols = [c for c in keep if c in m.columns] + [c for c in m.columns if c.startswith("eval/")]
+    h = m[cols].rename(columns={c: "val_" + c[5:] for c in cols if c.startswith("eval/")})
+    return h.groupby("step", as_index=False).first()
+
+
+def format_summary(table: pd.DataFrame) -> str:
+    """run_summary.csv as an aligned text table."""
+    shown = table.astype(object).where(table.notna(), "")
+    for c in shown.columns:
+        if c.startswith("test_") or c == "best_val":
+            shown[c] = [f"{v:.4f}" if v != "" else "" for v in shown[c]]
+        elif c == "train_time_s":
+            shown[c] = [f"{v:.0f}" if v != "" else "" for v in shown[c]]
+    return shown.to_string(index=False)
