@@ -433,6 +433,20 @@ class BEATsEncoder(Encoder):
             before.append("encoder.layer_norm")
         return block_layer_id(name, "encoder.layers", self.num_layers, tuple(before))
 
+    def set_drop_path(self, rate: float) -> None:
+        """Regularisation for finetuning: BEATs has no per-block stochastic depth, so this is
+        its layer drop (each layer skipped with probability `rate` in training)."""
+        self.cfg.encoder_layerdrop = float(rate)
+
+    def add_cls_token(self) -> None:
+        """Add a learned CLS token (absent from official weights; trained by finetuning),
+        prepended after the positional convolution, with no relative position bias."""
+        if self.cls_token is None:
+            p = next(self.parameters())
+            self.cls_token = nn.Parameter(torch.zeros(1, 1, self.embed_dim, device=p.device))
+            nn.init.trunc_normal_(self.cls_token, std=0.02)
+            self.cfg.cls_token = True
+
     def describe(self) -> str:
         c = self.cfg
         return (

@@ -1,0 +1,176 @@
+"""Does self-supervised pretraining learn? Pretrain on unlabelled real audio for a fixed time
+budget, then compare linear probes of the frozen encoder against the same encoder with random
+weights (its own initialisation), on two labelled tasks it never saw labels of:
+
+  ESC-10          10 environmental classes, the 5 official folds (leave-one-fold-out)
+  spoken digits   10 digits, split by speaker (leave-one-speaker-out, 6 speakers)
+
+The unlabelled pool is every recording of ../shared/data (forest soundscapes, ESC-10 and the
+spoken digits, labels dropped). The budget is wall-clock: a short calibration run measures the
+seconds per step on this machine, and the run gets as many steps as fit (the learning-rate and
+teacher schedules are set for that many steps). A pretrained encoder "learns" when its probe
+beats the random one by more than two standard deviations of the fold scores (the larger of
+the two), on both tasks.
+
+    python benchmarks/ssl_probe.py --data ../shared/data --out runs/ssl_probe --minutes 30
+    python benchmarks/ssl_probe.py ... --models eat,beats --extra "--memory_bank.temperature 0.2"
+
+Writes OUT/results.json and OUT/results.md (the README table) and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bioaudio import load_model  # noqa: E402
+from bioaudio.data.manifest import read_manifest, write_manifest  # noqa: E402
+from bioaudio.inference.probe import clip_embeddings, linear_probe  # noqa: E402
+from bioaudio.models.audio_model import build_model  # noqa: E402
+
+RECIPES = {
+    "eat": ["--objective", "eat:1,memory_bank:0.1"],
+    "beats": ["--objective", "beats:1,memory_bank:0.1"],
+}
+
+
+def bioaudio(*args: object, log: Path | None = None) -> None:
+    cmd = [sys.executable, "-m", "bioaudio", *map(str, args)]
+    print("$", shlex.join(cmd[2:]), flush=True)
+    with open(log, "a") if log else open("/dev/null", "w") as out:
+        proc = subprocess.run(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        raise SystemExit(f"failed ({proc.returncode}): see {log}")
+
+
+def prepare(data: Path, out: Path) -> tuple[Path, pd.DataFrame, pd.DataFrame]:
+    """(unlabelled pool manifest, ESC-10 table with folds, digits table with speakers)."""
+    out.mkdir(parents=True, exist_ok=True)
+    parts = []
+    for name in ("esc10", "fsdd", "soundscapes"):
+        m = out / f"{name}.csv"
+        if not m.is_file():
+            bioaudio("prepare", data / name, "--labels", "none", "--out", m, "--no-progress")
+        parts.append(read_manifest(m))
+    pool = out / "pool.csv"
+    write_manifest(pd.concat(parts, ignore_index=True), pool)
+    esc = parts[0].copy()
+    esc["label"] = [Path(p).parent.name for p in esc["path"]]
+    esc["fold"] = [Path(p).name[0] for p in esc["path"]]
+    digits = parts[1].copy()
+    digits["label"] = [Path(p).name.split("_")[0] for p in digits["path"]]
+    digits["fold"] = [Path(p).name.split("_")[1] for p in digits["path"]]
+    return pool, esc, digits
+
+
+def pretrain(model_type: str, pool: Path, out: Path, args: argparse.Namespace) -> dict:
+    """Calibrate seconds per step, then pretrain for the budget. Returns the run summary."""
+    common = [
+        pool, "--model", model_type, "--preset", args.preset, "--segment_duration",
+        args.segment, "--batch_size", args.batch_size, "--num_workers", 2, "--seed", args.seed,
+        "--no-progress", *RECIPES[model_type], *shlex.split(args.extra),
+    ]  # fmt: skip
+    run = out / f"pretrain_{model_type}"
+    if (run / "summary.json").is_file():
+        return json.loads((run / "summary.json").read_text())
+    calib = out / f"calibrate_{model_type}"
+    if not (calib / "summary.json").is_file():
+        bioaudio("pretrain", *common, "--out", calib, "--max_steps", 12, "--save_every", 0,
+                 "--log_every", 1, log=out / f"calibrate_{model_type}.log")  # fmt: skip
+    m = pd.read_csv(calib / "metrics.csv")
+    per_step = float(np.median(np.diff(m["elapsed_s"].to_numpy())[2:]))
+    steps = max(20, int(args.minutes * 60 / per_step))
+    print(f"{model_type}: {per_step:.2f} s/step -> {steps} steps in {args.minutes} min", flush=True)
+    schedule = ["--max_steps", steps, "--warmup_steps", max(1, steps // 20)]
+    if model_type == "eat":
+        schedule += ["--eat.ema_anneal_end_step", steps]
+    t0 = time.time()
+    bioaudio("pretrain", *common, *schedule, "--out", run, "--save_every", max(1, steps // 4),
+             "--lr", args.lr, log=out / f"pretrain_{model_type}.log")  # fmt: skip
+    summary = json.loads((run / "summary.json").read_text())
+    summary["wall_minutes"] = round((time.time() - t0) / 60, 1)
+    summary["seconds_per_step"] = per_step
+    return summary
+
+
+def probe(model: torch.nn.Module, esc: pd.DataFrame, digits: pd.DataFrame) -> dict:
+    out = {}
+    for name, table in (("esc10", esc), ("digits", digits)):
+        x = clip_embeddings(model, table, pooling="mean", batch_size=16)
+        out[name] = linear_probe(x, table["label"].tolist(), table["fold"].tolist()).as_dict()
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "ssl_probe")
+    parser.add_argument("--models", default="eat", help="comma-separated: eat, beats")
+    parser.add_argument("--minutes", type=float, default=30.0, help="pretraining budget")
+    parser.add_argument("--preset", default="small")
+    parser.add_argument("--segment", type=float, default=2.0, help="pretraining clip seconds")
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--extra", default="", help="more `bioaudio pretrain` flags")
+    args = parser.parse_args()
+    if not (args.data / "esc10").is_dir():
+        raise SystemExit(f"{args.data} does not hold esc10/, fsdd/, soundscapes/")
+    torch.set_num_threads(2)
+    pool, esc, digits = prepare(args.data, args.out)
+    results: dict = {"machine": {"cpu_threads": torch.get_num_threads()}, "models": {}}
+    for model_type in args.models.split(","):
+        summary = pretrain(model_type, pool, args.out, args)
+        run = args.out / f"pretrain_{model_type}"
+        torch.manual_seed(args.seed)  # the pretraining run's own initialisation
+        cfg = json.loads((run / "config.json").read_text())["options"]
+        random_init = build_model(model_type, encoder={"preset": cfg["preset"], **cfg["encoder_options"]})
+        pretrained = load_model(run / "export")
+        res = {"pretrain": summary, "random": probe(random_init, esc, digits)}
+        res["pretrained"] = probe(pretrained, esc, digits)
+        for task in ("esc10", "digits"):
+            a, b = res["pretrained"][task], res["random"][task]
+            margin = a["mean"] - b["mean"]
+            res.setdefault("verdict", {})[task] = {
+                "gain": round(margin, 4),
+                "two_std": round(2 * max(a["std"], b["std"]), 4),
+                "learns": bool(margin > 2 * max(a["std"], b["std"])),
+            }
+        results["models"][model_type] = res
+        (args.out / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    lines = [
+        "| encoder | pretraining | ESC-10 (5 folds) | spoken digits (by speaker) |",
+        "|---|---|---|---|",
+    ]
+    for model_type, res in results["models"].items():
+        p = res["pretrain"]
+        what = f"{p['steps']} steps, {p.get('wall_minutes', '?')} min"
+        for kind in ("random", "pretrained"):
+            cells = [
+                f"{100 * res[kind][t]['mean']:.1f} +- {100 * res[kind][t]['std']:.1f} %"
+                for t in ("esc10", "digits")
+            ]
+            label = f"{model_type} {args.preset}, {kind} weights"
+            lines.append(f"| {label} | {what if kind == 'pretrained' else 'none'} | {' | '.join(cells)} |")
+    table = "\n".join(lines)
+    (args.out / "results.md").write_text(table + "\n")
+    print("\n" + table)
+    for model_type, res in results["models"].items():
+        print(model_type, json.dumps(res["verdict"]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
