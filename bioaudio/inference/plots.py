@@ -15,6 +15,11 @@ import pandas as pd  # noqa: E402
 from bioaudio.fileio import atomic_path  # noqa: E402
 
 
+def save_figure(fig: plt.Figure, path: str | Path) -> Path:
+    """Write a figure as PNG atomically and close it."""
+    return _save(fig, path)
+
+
 def _save(fig: plt.Figure, path: str | Path) -> Path:
     try:
         with atomic_path(path) as tmp:
