@@ -60,7 +60,7 @@ OFFICIAL_DEFAULTS: dict[str, Any] = {
     "predictor_dropout": 0.1,
     "predictor_class": 527,
 }
-_HEAD_KEYS = ("finetuned_model", "predictor_dropout", "predictor_class")
+HEAD_KEYS = ("finetuned_model", "predictor_dropout", "predictor_class")
 
 # (official key pattern, our key). First match wins; anything unmatched is an error.
 KEY_MAP: list[tuple[str, str]] = [
@@ -100,7 +100,7 @@ def config_from_official(cfg: dict[str, Any], source: str) -> tuple[BEATsConfig,
     if not isinstance(cfg, dict):
         raise CheckpointError(f"{source}: 'cfg' is a {type(cfg).__name__}, expected a dict")
     merged = {**OFFICIAL_DEFAULTS, **cfg}
-    ours = {f: merged[f] for f in OFFICIAL_DEFAULTS if f not in _HEAD_KEYS}
+    ours = {f: merged[f] for f in OFFICIAL_DEFAULTS if f not in HEAD_KEYS}
     try:
         enc = from_dict(BEATsConfig, ours, where=f"{source} cfg")
         enc.validate()

@@ -59,7 +59,7 @@ from bioaudio.fileio import atomic_dir
 from bioaudio.models.checkpoint import load_weights, read_safetensors, read_torch_file
 from bioaudio.models.layers import frames_to_token_mask
 
-from .convert import convert_state_dict
+from .convert import HEAD_KEYS, OFFICIAL_DEFAULTS, convert_state_dict
 from .model import BEATsConfig, BEATsEncoder, BEATsTransformer, official_padding_mask
 from .quantizer import NormEMAVectorQuantizer, QuantizerConfig, l2norm
 
@@ -72,28 +72,7 @@ TOKENIZER_CONFIG = "config.json"
 # The official TokenizersConfig defaults (microsoft/unilm beats/Tokenizers.py), plus the
 # backbone's default layer-wise gradient decay; a checkpoint's cfg dict overwrites them.
 OFFICIAL_TOKENIZER_DEFAULTS: dict[str, Any] = {
-    "input_patch_size": -1,
-    "embed_dim": 512,
-    "conv_bias": False,
-    "encoder_layers": 12,
-    "encoder_embed_dim": 768,
-    "encoder_ffn_embed_dim": 3072,
-    "encoder_attention_heads": 12,
-    "activation_fn": "gelu",
-    "layer_wise_gradient_decay_ratio": 1.0,
-    "layer_norm_first": False,
-    "deep_norm": False,
-    "dropout": 0.1,
-    "attention_dropout": 0.1,
-    "activation_dropout": 0.0,
-    "encoder_layerdrop": 0.0,
-    "dropout_input": 0.0,
-    "conv_pos": 128,
-    "conv_pos_groups": 16,
-    "relative_position_embedding": False,
-    "num_buckets": 320,
-    "max_distance": 1280,
-    "gru_rel_pos": False,
+    **{k: v for k, v in OFFICIAL_DEFAULTS.items() if k not in HEAD_KEYS},
     "quant_n": 1024,
     "quant_dim": 256,
 }

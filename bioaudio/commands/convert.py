@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from bioaudio.config import add_dataclass_args, config_from_args
 from bioaudio.errors import CheckpointError, ConfigError
+from bioaudio.fileio import temp_dir_beside
 from bioaudio.models import registry
 from bioaudio.models.checkpoint import (
     WEIGHTS_FILE,
@@ -27,7 +28,6 @@ from bioaudio.models.checkpoint import (
     is_export_dir,
     load_export,
     load_model,
-    temp_dir_beside,
     write_export,
 )
 

@@ -253,10 +253,39 @@ class _SharedEpoch:
         self.value.fill_(int(epoch))
 
 
+class EpochState:
+    """The epoch shared with DataLoader workers (`_SharedEpoch`): `set_epoch` in the main process
+    is seen by running workers; random crops and augmentations are drawn per (seed, epoch, item)."""
+
+    _epoch: _SharedEpoch
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch.get()
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose random crops / augmentations (and stream order) items use."""
+        self._epoch.set(epoch)
+
+
+class ReaderDataset(EpochState):
+    """Class names and multi-label of the `_ClipReader` that turns rows into items."""
+
+    reader: _ClipReader
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.reader.class_names
+
+    @property
+    def multi_label(self) -> bool:
+        return self.reader.multi_label
+
+
 # --------------------------------------------------------------------------- map-style
 
 
-class AudioDataset(Dataset):
+class AudioDataset(ReaderDataset, Dataset):
     """Map-style dataset over manifest rows; reads only each item's window by seeking.
 
     `df` is a manifest DataFrame (or a manifest path). `class_names=None` takes the manifest's
@@ -310,22 +339,6 @@ class AudioDataset(Dataset):
         self.skip_errors = skip_errors
         self.n_skipped = 0
         self._epoch = _SharedEpoch()
-
-    @property
-    def class_names(self) -> list[str]:
-        return self.reader.class_names
-
-    @property
-    def multi_label(self) -> bool:
-        return self.reader.multi_label
-
-    @property
-    def epoch(self) -> int:
-        return self._epoch.get()
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose random crops / augmentations items are drawn from."""
-        self._epoch.set(epoch)
 
     def __len__(self) -> int:
         return len(self._paths)
@@ -447,7 +460,7 @@ def _dist_rank_world() -> tuple[int, int]:
     return 0, 1
 
 
-class StreamingAudioDataset(IterableDataset):
+class StreamingAudioDataset(ReaderDataset, IterableDataset):
     """Iterable dataset that streams a manifest CSV too large to hold in memory.
 
     Memory: the CSV is read one line at a time; each DataLoader worker holds at most
@@ -540,22 +553,6 @@ class StreamingAudioDataset(IterableDataset):
         self.n_skipped = 0
         self._epoch = _SharedEpoch()
         self._position = 0
-
-    @property
-    def class_names(self) -> list[str]:
-        return self.reader.class_names
-
-    @property
-    def multi_label(self) -> bool:
-        return self.reader.multi_label
-
-    @property
-    def epoch(self) -> int:
-        return self._epoch.get()
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch: shuffle order, crops and augmentations change with it."""
-        self._epoch.set(epoch)
 
     def set_position(self, position: int) -> None:
         """Start the next iteration at item `position` of this rank's epoch order (the items

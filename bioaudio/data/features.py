@@ -35,7 +35,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -52,6 +51,7 @@ from bioaudio.config import to_dict
 from bioaudio.data.datasets import (
     IGNORE_INDEX,
     AudioDataset,
+    EpochState,
     EvalCrop,
     _label_indices,
     _rng,
@@ -67,7 +67,7 @@ from bioaudio.data.frontend import (
 from bioaudio.data.manifest import read_manifest
 from bioaudio.data.stats import apply_stats, resolve_stats
 from bioaudio.errors import AudioDecodeError, ConfigError, DataError
-from bioaudio.fileio import save_json_atomic
+from bioaudio.fileio import replace_dir, save_json_atomic, temp_dir_beside
 
 __all__ = [
     "CACHE_FILE",
@@ -283,10 +283,7 @@ def build_cache(
     out_dir = out_dir.resolve()
     _check_out(out_dir, cfg.force)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; a cache is as shareable as any folder
+    tmp = temp_dir_beside(out_dir)
     try:
         meta = _fill(tmp, items, fcfg, cfg)
         meta.update(
@@ -298,7 +295,7 @@ def build_cache(
             }
         )
         save_json_atomic(tmp / CACHE_FILE, meta)  # last: a folder without it is no cache
-        _replace_dir(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -396,22 +393,6 @@ def _fill(
         "total_frames": int(total),
         "data_file": None if npz else MEMMAP_FILE,
     }
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Move the finished cache into place; an old cache is removed only after the swap."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        out.rename(old)
-    try:
-        tmp.rename(out)
-    except BaseException:
-        if old is not None:
-            old.rename(out)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- reading
@@ -636,7 +617,7 @@ def frames_for_seconds(cfg: FrontendConfig, seconds: float) -> int:
     return 0 if n <= 0 else 1 + n // cfg.hop_length
 
 
-class FeatureDataset(Dataset):
+class FeatureDataset(EpochState, Dataset):
     """Map-style dataset over a feature cache; items mirror AudioDataset's with features.
 
     Items: feats (T, F) float32 (normalised as (x - mean) / (2 * std) unless `normalise=False`),
@@ -723,14 +704,6 @@ class FeatureDataset(Dataset):
         state = self.__dict__.copy()
         state["_mm"] = None
         return state
-
-    @property
-    def epoch(self) -> int:
-        return self._epoch.get()
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose random crops items are drawn from."""
-        self._epoch.set(epoch)
 
     def __len__(self) -> int:
         return len(self._paths)

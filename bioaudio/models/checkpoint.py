@@ -32,7 +32,6 @@ import pathlib
 import pickle
 import shutil
 import struct
-import tempfile
 import warnings
 import zipfile
 from pathlib import Path
@@ -41,6 +40,7 @@ from typing import Any
 import torch
 
 from bioaudio.errors import CheckpointError, ConfigError
+from bioaudio.fileio import replace_dir, temp_dir_beside
 from bioaudio.models import registry
 
 EXPORT_FORMAT = "bioaudio.export"
@@ -451,24 +451,14 @@ def _version() -> str:
 
 
 def install_dir(tmp: Path, out: Path) -> None:
-    """Move a finished folder `tmp` to `out`, replacing an existing export only at the end."""
+    """Move a finished export folder `tmp` to `out`; an existing folder is replaced only when it
+    is one of our exports (or empty), and only once `tmp` is whole."""
     if out.exists() or out.is_symlink():
         if not out.is_dir() or (any(out.iterdir()) and not is_export_dir(out)):
             raise CheckpointError(
                 f"{out} exists and is not a bioaudio export; refusing to replace it"
             )
-        backup = out.with_name(f".{out.name}.old-{os.getpid()}")
-        if backup.exists():
-            shutil.rmtree(backup)
-        out.rename(backup)
-        try:
-            tmp.rename(out)
-        except BaseException:
-            backup.rename(out)
-            raise
-        shutil.rmtree(backup, ignore_errors=True)
-    else:
-        tmp.rename(out)
+    replace_dir(tmp, out)
 
 
 def write_export(model: Any, tmp: Path, provenance: dict[str, Any] | None = None) -> None:
@@ -489,16 +479,6 @@ def write_export(model: Any, tmp: Path, provenance: dict[str, Any] | None = None
     }
     save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "bioaudio": EXPORT_FORMAT})
     (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, default=str) + "\n")
-
-
-def temp_dir_beside(out: Path) -> Path:
-    """A new empty folder next to `out` (same file system, so the final rename is atomic)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; an export is an ordinary folder
-    return tmp
 
 
 def save_export(model: Any, out_dir: str | Path, provenance: dict[str, Any] | None = None) -> Path:
