@@ -588,3 +588,21 @@ def test_save_refuses_other_folders_and_load_refuses_junk(tmp_path):
     with pytest.raises(CheckpointError) as e:
         load_tokenizer(junk)
     assert "not a tokenizer" in _one_line(e)
+
+
+def test_convert_writes_a_tokenizer_folder_with_the_same_labels(
+    official_fixtures, tmp_path, capsys
+):
+    """`bioaudio convert Tokenizer.pt DIR` -> a tokenizer folder; it labels like the official."""
+    from bioaudio.cli import main
+    from bioaudio.models.checkpoint import checkpoint_kind, load_tokenizer
+
+    src = official_fixtures / "beats_tokenizer_tiny.pt"
+    assert checkpoint_kind(src) == "tokenizer"
+    assert main(["convert", str(src), str(tmp_path / "tok")]) == 0
+    assert "tokenizer" in capsys.readouterr().out
+    assert checkpoint_kind(tmp_path / "tok") == "tokenizer"
+    io = torch.load(official_fixtures / "beats_tokenizer_tiny_io.pt", weights_only=True)
+    sure = io["margin_plain"] > 1e-3
+    tok = load_tokenizer(tmp_path / "tok")
+    assert torch.equal(tok.extract_labels(io["wav"]).flatten()[sure], io["labels_plain"][sure])

@@ -23,11 +23,14 @@ from bioaudio.fileio import temp_dir_beside
 from bioaudio.models import registry
 from bioaudio.models.checkpoint import (
     WEIGHTS_FILE,
+    checkpoint_kind,
     detect_format,
     install_dir,
     is_export_dir,
     load_export,
     load_model,
+    load_tokenizer,
+    save_tokenizer,
     write_export,
 )
 
@@ -133,6 +136,25 @@ def _describe(model) -> list[str]:
     return lines
 
 
+def _convert_tokenizer(src: Path, dst: Path) -> int:
+    """An official BEATs tokenizer -> a tokenizer folder (tokenizer.safetensors + config.json)."""
+    tok = load_tokenizer(src)
+    provenance = (
+        {"source": str(src.resolve()), "source_sha256": _sha256(src)} if src.is_file() else {}
+    )
+    save_tokenizer(tok, dst, provenance)
+    again = load_tokenizer(dst)
+    n = sum(t.numel() for t in tok.state_dict().values())
+    same = all(
+        torch.equal(a, b) for a, b in zip(tok.state_dict().values(), again.state_dict().values())
+    )
+    if not same:
+        raise CheckpointError("verification failed: the reloaded tokenizer differs")
+    print(f"converted {src} (tokenizer, {n / 1e6:.1f}M values) -> {dst}")
+    print(f"  use it with: bioaudio pretrain DATA --model beats --beats.tokenizer {dst}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     opts = config_from_args(ConvertOptions, args)
     src, dst = Path(args.src), Path(args.dst)
@@ -143,6 +165,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"{dst} exists and is not a bioaudio export; refusing to replace it")
     if dst.resolve() == src.resolve():
         raise ConfigError("SRC and DST are the same path")
+    if checkpoint_kind(src, opts.config) == "tokenizer":
+        return _convert_tokenizer(src, dst)
     names = read_class_names(opts.class_names) if opts.class_names else None
     steps = 4 + int(opts.verify)
     # disable=None: no bar when stderr is not a terminal (logs, CI).

@@ -630,15 +630,47 @@ def load_tokenizer(path: str | Path, device: str | torch.device | None = None) -
     folder saved by this toolkit (`tokenizer.safetensors` + `config.json`)."""
     p = Path(path)
     _check_file(p)
-    if p.is_dir() and (p / "tokenizer.safetensors").is_file():
-        spec = registry.get_format("beats_tokenizer")
-        module = importlib.import_module(spec.module)
-        tok = module.load_tokenizer(p)
+    if p.is_dir() and not is_export_dir(p):
+        readers = [f for f in registry.formats(produces="tokenizer") if f.saved_reader]
+        if not readers:
+            raise CheckpointError(f"{p}: no registered tokenizer format reads folders")
+        module = importlib.import_module(readers[0].module)
+        tok = getattr(module, readers[0].saved_reader)(p)
     else:
         tok, _ = _load_official(p, None, "tokenizer")
     if device is not None:
         tok.to(device)
     return tok.eval()
+
+
+def save_tokenizer(tokenizer: Any, out_dir: str | Path, provenance: dict | None = None) -> Path:
+    """Write a tokenizer folder with the registered tokenizer format's saver."""
+    for spec in registry.formats(produces="tokenizer"):
+        if spec.saver:
+            module = importlib.import_module(spec.module)
+            return getattr(module, spec.saver)(tokenizer, out_dir, provenance)
+    raise CheckpointError("no registered tokenizer format can save tokenizers")
+
+
+def checkpoint_kind(path: str | Path, config: str | Path | None = None) -> str:
+    """'model' or 'tokenizer': what the checkpoint at `path` holds (read safely)."""
+    p = Path(path)
+    if p.is_dir() and (p / CONFIG_FILE).is_file() and not is_export_dir(p):
+        try:
+            marker = json.loads((p / CONFIG_FILE).read_text()).get("format")
+        except (OSError, ValueError, AttributeError):
+            marker = None
+        if marker == "bioaudio.tokenizer":
+            return "tokenizer"
+    kind, weights, _ = detect_format(path, config)
+    if kind != "torch":
+        return "model"
+    obj = read_torch_file(weights)
+    for spec in registry.formats(reads="torch"):
+        detect, _ = registry.format_functions(spec)
+        if detect(obj):
+            return spec.produces
+    return "model"
 
 
 def export_classifier(

@@ -53,6 +53,8 @@ class FormatSpec:
     reads: Literal["torch", "hf"] = "torch"
     produces: Literal["model", "tokenizer"] = "model"
     description: str = ""
+    saved_reader: str = ""  # reads this product from a folder this toolkit saved (tokenizers)
+    saver: str = ""  # writes such a folder
 
 
 @dataclass(frozen=True)
@@ -158,6 +160,8 @@ register_format(
         "load_official_tokenizer",
         produces="tokenizer",
         description="official BEATs tokenizer checkpoint",
+        saved_reader="load_tokenizer",
+        saver="save_tokenizer",
     )
 )
 
