@@ -3,13 +3,21 @@
 Everything returns float32 numpy arrays in [-1, 1] (float files may exceed it; we do not clip).
 Long recordings are never decoded whole when a window is asked for: we seek to the first frame
 and read only the frames of the window.
+
+Paths may also be fsspec URLs (`s3://bucket/site/rec.flac`, `gs://...`, `https://...`,
+`memory://...`; the protocol's package must be installed, e.g. s3fs): they are opened as
+seekable file objects, so a window of a recording in object storage is read by seeking too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import soundfile as sf
@@ -34,6 +42,46 @@ AUDIO_EXTENSIONS = frozenset(
         ".opus",
     }
 )
+
+
+_URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]+://")
+
+
+def is_url(path: str | Path) -> bool:
+    """True for an fsspec URL (`s3://...`, `memory://...`), not for a local path."""
+    return bool(_URL.match(str(path)))
+
+
+@contextlib.contextmanager
+def _opened(path: str | Path) -> Iterator[Any]:
+    """What soundfile should read: the path itself, or a seekable fsspec file object."""
+    if not is_url(path):
+        yield str(path)
+        return
+    import fsspec
+
+    with fsspec.open(str(path), "rb") as fh:
+        yield fh
+
+
+def _stat(path: str | Path) -> tuple[bool, bool, int]:
+    """(exists, is a directory, size in bytes) of a local path or an fsspec URL."""
+    if not is_url(path):
+        p = Path(path)
+        if not p.exists():
+            return False, False, 0
+        return True, p.is_dir(), p.stat().st_size if p.is_file() else 0
+    import fsspec
+
+    try:
+        fs, inner = fsspec.core.url_to_fs(str(path))
+        if not fs.exists(inner):
+            return False, False, 0
+        if fs.isdir(inner):
+            return True, True, 0
+        return True, False, int(fs.size(inner) or 0)
+    except (ImportError, ValueError) as e:  # an unknown protocol, a missing backend package
+        raise AudioDecodeError(path, f"cannot open this URL ({e})") from e
 
 
 def is_audio_path(path: str | Path) -> bool:
@@ -66,16 +114,19 @@ def _reason(e: Exception) -> str:
 
 
 def info(path: str | Path) -> AudioInfo:
-    """Read the header of an audio file. Raises AudioDecodeError for missing/empty/corrupt files."""
-    p = Path(path)
-    if not p.exists():
+    """Read the header of an audio file (a path or an fsspec URL). Raises AudioDecodeError for
+    missing, empty or corrupt files."""
+    p = str(path) if is_url(path) else Path(path)
+    exists, is_dir, size = _stat(p)
+    if not exists:
         raise AudioDecodeError(p, "no such file")
-    if p.is_dir():
+    if is_dir:
         raise AudioDecodeError(p, "is a directory")
-    if p.stat().st_size == 0:
+    if size == 0:
         raise AudioDecodeError(p, "empty file (0 bytes)")
     try:
-        i = sf.info(str(p))
+        with _opened(p) as src:
+            i = sf.info(src)
     except Exception as e:  # soundfile raises LibsndfileError, RuntimeError, TypeError...
         raise AudioDecodeError(p, _reason(e)) from e
     if i.samplerate <= 0:
@@ -132,7 +183,7 @@ def load(
         else min(int(math.ceil(duration * sr)), meta.frames - start)
     )
     try:
-        with sf.SoundFile(str(path)) as f:
+        with _opened(path) as src, sf.SoundFile(src) as f:
             if start:
                 f.seek(start)
             data = f.read(n, dtype="float32", always_2d=True)

@@ -38,7 +38,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
-from bioaudio.data.audio import DEFAULT_SAMPLE_RATE, load, pad_or_crop
+from bioaudio.data.audio import DEFAULT_SAMPLE_RATE, is_url, load, pad_or_crop
 from bioaudio.data.manifest import class_names_of, read_manifest, split_labels
 from bioaudio.errors import AudioDecodeError, ConfigError, DataError
 
@@ -445,7 +445,7 @@ def _iter_manifest_rows(path: Path) -> Iterator[tuple[str, float, float, str]]:
                     raise DataError(f"{path} line {line}: bad number ({e})") from e
                 p = rec["path"] or ""
                 yield (
-                    p if os.path.isabs(p) else str(base / p),
+                    p if os.path.isabs(p) or is_url(p) else str(base / p),
                     start,
                     end,
                     rec.get("labels") or "",

@@ -30,7 +30,7 @@ from typing import Literal
 import pandas as pd
 import soundfile as sf
 
-from bioaudio.data.audio import AUDIO_EXTENSIONS, AudioInfo, is_audio_path
+from bioaudio.data.audio import AUDIO_EXTENSIONS, AudioInfo, is_audio_path, is_url
 from bioaudio.data.audio import info as audio_info
 from bioaudio.data.labels import (
     Annotation,
@@ -94,7 +94,7 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
     if len(df) == 0:
         raise DataError(f"manifest {p} has no rows")
     base = p.resolve().parent
-    df["path"] = [str(q) if os.path.isabs(q) else str(base / q) for q in df["path"]]
+    df["path"] = [str(q) if os.path.isabs(q) or is_url(q) else str(base / q) for q in df["path"]]
     if "start" not in df.columns:
         df["start"] = 0.0
     if "end" not in df.columns:
@@ -116,6 +116,8 @@ def write_manifest(df: pd.DataFrame, path: str | Path) -> Path:
     out = df.copy()
 
     def rel(q: str) -> str:
+        if is_url(q):
+            return str(q)  # object storage: kept as written
         try:
             return str(Path(q).resolve().relative_to(base))
         except ValueError:
