@@ -85,7 +85,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bioaudio.config import from_dict, to_dict
+from bioaudio.config import to_dict
 from bioaudio.errors import BioaudioError, ConfigError, first_line
 from bioaudio.models.layers import frames_to_token_mask, keep_indices
 from bioaudio.training.masking import random_mask
@@ -308,11 +308,6 @@ class MaskedTokenObjective(Objective):
     config_class = MaskedTokenConfig
 
     def __init__(self, model: nn.Module, cfg: MaskedTokenConfig | dict | None = None):
-        if cfg is None:
-            cfg = MaskedTokenConfig()
-        elif isinstance(cfg, dict):
-            cfg = from_dict(MaskedTokenConfig, cfg, where="beats objective")
-        cfg.validate()
         super().__init__(model, cfg)
         self.cfg: MaskedTokenConfig = cfg
         encoder = _beats_encoder(model, "beats")
@@ -522,11 +517,6 @@ class TokenizerObjective(Objective):
     config_class = TokenizerObjectiveConfig
 
     def __init__(self, model: nn.Module, cfg: TokenizerObjectiveConfig | dict | None = None):
-        if cfg is None:
-            cfg = TokenizerObjectiveConfig()
-        elif isinstance(cfg, dict):
-            cfg = from_dict(TokenizerObjectiveConfig, cfg, where="beats_tokenizer objective")
-        cfg.validate()
         super().__init__(model, cfg)
         self.cfg: TokenizerObjectiveConfig = cfg
         encoder = _beats_encoder(model, "beats_tokenizer")

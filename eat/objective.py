@@ -83,7 +83,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from bioaudio.config import from_dict
 from bioaudio.errors import ConfigError
 from bioaudio.models.layers import keep_indices
 from bioaudio.training.masking import inverse_block_mask
@@ -285,11 +284,6 @@ class EATObjective(Objective):
     config_class = EATObjectiveConfig
 
     def __init__(self, model: nn.Module, cfg: EATObjectiveConfig | dict | None = None):
-        if cfg is None:
-            cfg = EATObjectiveConfig()
-        elif isinstance(cfg, dict):
-            cfg = from_dict(EATObjectiveConfig, cfg, where="eat objective")
-        cfg.validate()
         super().__init__(model, cfg)
         self.cfg: EATObjectiveConfig = cfg
         encoder = getattr(model, "encoder", None)

@@ -28,7 +28,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bioaudio.config import from_dict
 from bioaudio.errors import ConfigError
 from bioaudio.training.objectives import Objective, ObjectiveOutput, PretrainInputs
 from bioaudio.training.optim import ema_update_
@@ -96,11 +95,6 @@ class MemoryBankObjective(Objective):
     needs_view2 = True
 
     def __init__(self, model: nn.Module, cfg: MemoryBankConfig | dict | None = None):
-        if cfg is None:
-            cfg = MemoryBankConfig()
-        elif isinstance(cfg, dict):
-            cfg = from_dict(MemoryBankConfig, cfg, where="memory_bank objective")
-        cfg.validate()
         super().__init__(model, cfg)
         self.cfg: MemoryBankConfig = cfg
         encoder = model.encoder

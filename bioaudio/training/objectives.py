@@ -25,6 +25,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from bioaudio.config import from_dict
 from bioaudio.training.task import TaskContext
 
 
@@ -83,8 +84,18 @@ class Objective(nn.Module):
 
     def __init__(self, model: nn.Module, cfg: Any = None):
         """Build the objective's parts for `model` (an AudioModel, on CPU, before `prepare`).
-        Raise ConfigError for a model or setting it cannot serve."""
+        Raise ConfigError for a model or setting it cannot serve. `cfg` is a `config_class`
+        instance, a dict of its fields, or None (the defaults); it is validated here."""
         super().__init__()
+        cls = type(self).config_class
+        if cls is not None:
+            if cfg is None:
+                cfg = cls()
+            elif isinstance(cfg, dict):
+                cfg = from_dict(cls, cfg, where=f"{type(self).name} objective")
+            validate = getattr(cfg, "validate", None)
+            if callable(validate):
+                validate()
         self.cfg = cfg
 
     def forward(  # type: ignore[override]
