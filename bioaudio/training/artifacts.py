@@ -12,11 +12,11 @@ import numpy as np
 import pandas as pd
 
 from bioaudio.fileio import save_json_atomic, write_csv_atomic
-from bioaudio.inference.metrics import classification_report, row_normalised
+from bioaudio.inference.evaluate import TEST_METRICS, metrics_markdown, write_test_outputs
+from bioaudio.inference.metrics import classification_report
 from bioaudio.inference.predict import load_classifier, predict_clips
 
 RUN_SUMMARY = "run_summary.csv"
-TEST_METRICS = "test_metrics.json"
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -31,8 +31,9 @@ def write_run_artifacts(
     exp: Any, plan: Any, summary: dict[str, Any], accelerator: Any
 ) -> dict[str, Any]:
     """Test metrics of the best model (clip level), predictions, confusion matrices,
-    precision-recall curves, training curves and report.md."""
-    from bioaudio.inference.plots import plot_confusion, plot_history, plot_pr_curves
+    precision-recall curves, training curves and report.md (the test files are written by
+    `bioaudio.inference.evaluate.write_test_outputs`, as `bioaudio evaluate` writes them)."""
+    from bioaudio.inference.plots import plot_history
 
     cfg, run_dir, names = exp.cfg, exp.root / plan.name, exp.class_names
     chosen = "best" if (run_dir / "best" / "config.json").is_file() else "export"
@@ -52,39 +53,8 @@ def write_run_artifacts(
     report = classification_report(clips.scores, clips.targets, names, exp.multi_label)
     if accelerator.is_main_process:
         save_json_atomic(run_dir / "class_names.json", names)
-        pred = test_df.iloc[clips.rows][["path", "start", "end", "labels"]]
-        pred = pred.reset_index(drop=True)
-        if exp.multi_label:
-            pred["predicted"] = [
-                ",".join(n for n, p in zip(names, row) if p >= 0.5) for row in clips.scores
-            ]
-        else:
-            pred["predicted"] = [names[i] for i in clips.scores.argmax(axis=1)]
-        pred["probability"] = clips.scores.max(axis=1)
-        for c, n in enumerate(names):
-            pred[f"p_{n}"] = clips.scores[:, c]
-        write_csv_atomic(pred, run_dir / "test_predictions.csv")
-        if not exp.multi_label:
-            cm = np.asarray(report["confusion"])
-            counts = pd.DataFrame(cm, index=names, columns=names)
-            counts.index.name = "true \\ predicted"
-            write_csv_atomic(counts, run_dir / "confusion_counts.csv", index=True)
-            norm = pd.DataFrame(row_normalised(cm), index=names, columns=names)
-            norm.index.name = "true \\ predicted"
-            write_csv_atomic(
-                norm, run_dir / "confusion_normalised.csv", index=True, float_format="%.6g"
-            )
-            title = f"{plan.name}: test accuracy {report['accuracy']:.3f}"
-            plot_confusion(cm, names, run_dir / "confusion.png", normalise=True, title=title)
-            plot_confusion(cm, names, run_dir / "confusion_counts.png", normalise=False)
-        targets = np.asarray(clips.targets)
-        if not exp.multi_label:
-            valid = targets >= 0
-            onehot = np.zeros((len(targets), len(names)), dtype=int)
-            onehot[np.flatnonzero(valid), targets[valid]] = 1
-            targets = onehot
-        plot_pr_curves(
-            targets, clips.scores, names, run_dir / "pr_curves.png", f"{exp.name} {plan.name}"
+        write_test_outputs(
+            run_dir, test_df, clips, names, exp.multi_label, report, f"{exp.name} {plan.name}"
         )
         history = read_history(run_dir)
         if history is not None:
@@ -112,11 +82,6 @@ def write_report(exp: Any, plan: Any, record: dict[str, Any], run_dir: Path) -> 
     """report.md: what was trained, on what, the test numbers, the plots."""
     cfg = exp.cfg
     n = {k: len(getattr(plan, k)) for k in ("train", "val", "test")}
-    keys = (
-        ("mAP", "auroc", "macro_f1", "micro_f1", "subset_accuracy")
-        if exp.multi_label
-        else ("accuracy", "balanced_accuracy", "macro_f1", "mAP", "auroc")
-    )
     lines = [
         f"# {exp.name}: {plan.name}",
         "",
@@ -135,19 +100,8 @@ def write_report(exp: Any, plan: Any, record: dict[str, Any], run_dir: Path) -> 
             else ""
         ),  # fmt: skip
         "",
-        "| metric | test |",
-        "|---|---|",
-        *[f"| {k} | {record[k]:.4f} |" for k in keys if isinstance(record.get(k), float)],
-        "",
-        "| class | precision | recall | F1 | support |" if not exp.multi_label else "",
-        "|---|---|---|---|---|" if not exp.multi_label else "",
+        *metrics_markdown(record, exp.multi_label),
     ]
-    if not exp.multi_label:
-        for name, r in record.get("per_class", {}).items():
-            lines.append(
-                f"| {name} | {r['precision']:.3f} | {r['recall']:.3f} | {r['f1-score']:.3f} | "
-                f"{int(r['support'])} |"
-            )
     lines += ["", "![training curves](curves.png)", "", "![precision-recall](pr_curves.png)"]
     if not exp.multi_label:
         lines += ["", "![confusion matrix](confusion.png)"]
@@ -158,20 +112,47 @@ def write_report(exp: Any, plan: Any, record: dict[str, Any], run_dir: Path) -> 
     return path
 
 
+def finished_runs(exp: Any) -> list[tuple[str, int | None, Any]]:
+    """(name, seed, fold) of every run of RUN_ROOT: this command's plans, and the finished runs
+    of earlier commands into the same root (other seeds, other folds) of the same model and
+    frontend, so run_summary.csv covers them all. Sorted by fold, then seed."""
+    from bioaudio.training.rundir import identity_differences
+
+    runs = {p.name: (p.name, p.seed, p.fold) for p in exp.plans}
+    for metrics in [*exp.root.glob(f"seed_*/{TEST_METRICS}"), *exp.root.glob(f"fold_*/seed_*/{TEST_METRICS}")]:  # fmt: skip
+        d = metrics.parent
+        name = d.relative_to(exp.root).as_posix()
+        summary, tm = _read_json(d / "summary.json") or {}, _read_json(metrics) or {}
+        if name in runs or summary.get("status") != "completed" or "seed" not in tm:
+            continue
+        old = (_read_json(d / "config.json") or {}).get("identity")
+        if isinstance(old, dict) and identity_differences(old, exp.identity):
+            continue  # a run of another model / frontend under the same root: not comparable
+        runs[name] = (name, tm.get("seed"), tm.get("fold"))
+
+    def order(run: tuple[str, int | None, Any]) -> tuple:
+        fold = run[2]
+        return (fold is not None, str(type(fold)), fold if fold is not None else 0, run[1] or 0)
+
+    return sorted(runs.values(), key=order)
+
+
 def run_summary(exp: Any) -> pd.DataFrame:
-    """One row per run (from its test_metrics.json and summary.json), then mean and std rows
-    (sample standard deviation, ddof=1) of every metric column."""
+    """One row per finished run of RUN_ROOT (from its test_metrics.json and summary.json; see
+    `finished_runs`), then mean and std rows (sample standard deviation, ddof=1) of every
+    metric column."""
     metric_keys = (
         ["mAP", "auroc", "macro_f1", "micro_f1"]
         if exp.multi_label
         else ["accuracy", "balanced_accuracy", "macro_f1"]
     )
     rows = []
-    for plan in exp.plans:
-        d = exp.root / plan.name
+    runs = finished_runs(exp)
+    for name, seed, fold in runs:
+        d = exp.root / name
         tm, sm = _read_json(d / TEST_METRICS) or {}, _read_json(d / "summary.json") or {}
         best = sm.get("best") or {}
-        row: dict[str, Any] = {"run": plan.name, "fold": plan.fold, "seed": plan.seed}
+        row: dict[str, Any] = {"run": name, "fold": fold, "seed": seed}
         row.update({f"test_{k}": tm.get(k) for k in metric_keys})
         row["best_val"] = best.get("value")
         row["best_step"] = best.get("step")
@@ -180,7 +161,7 @@ def run_summary(exp: Any) -> pd.DataFrame:
         row["train_time_s"] = sm.get("train_time_s")
         rows.append(row)
     table = pd.DataFrame(rows)
-    if exp.plans[0].fold is None:
+    if all(fold is None for _, _, fold in runs):
         table = table.drop(columns="fold")
     stat_cols = [f"test_{k}" for k in metric_keys] + ["best_val", "train_time_s"]
     values = table[stat_cols].apply(pd.to_numeric, errors="coerce")
