@@ -85,14 +85,17 @@ def pretrain(model_type: str, pool: Path, out: Path, args: argparse.Namespace) -
     run = out / f"pretrain_{model_type}"
     if (run / "summary.json").is_file():
         return json.loads((run / "summary.json").read_text())
-    calib = out / f"calibrate_{model_type}"
-    if not (calib / "summary.json").is_file():
-        bioaudio("pretrain", *common, "--out", calib, "--max_steps", 12, "--save_every", 0,
-                 "--log_every", 1, log=out / f"calibrate_{model_type}.log")  # fmt: skip
-    m = pd.read_csv(calib / "metrics.csv")
-    per_step = float(np.median(np.diff(m["elapsed_s"].to_numpy())[2:]))
-    steps = max(20, int(args.minutes * 60 / per_step))
-    print(f"{model_type}: {per_step:.2f} s/step -> {steps} steps in {args.minutes} min", flush=True)
+    if args.steps:
+        steps, per_step = args.steps, float("nan")
+    else:
+        calib = out / f"calibrate_{model_type}"
+        if not (calib / "summary.json").is_file():
+            bioaudio("pretrain", *common, "--out", calib, "--max_steps", 12, "--save_every", 0,
+                     "--log_every", 1, log=out / f"calibrate_{model_type}.log")  # fmt: skip
+        m = pd.read_csv(calib / "metrics.csv")
+        per_step = float(np.median(np.diff(m["elapsed_s"].to_numpy())[2:]))
+        steps = max(20, int(args.minutes * 60 / per_step))
+    print(f"{model_type}: {per_step:.2f} s/step -> {steps} steps", flush=True)
     schedule = ["--max_steps", steps, "--warmup_steps", max(1, steps // 20)]
     if model_type == "eat":
         schedule += ["--eat.ema_anneal_end_step", steps]
@@ -124,6 +127,12 @@ def main() -> int:
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=0,
+        help="pretraining steps (default: as many as --minutes allow, measured on this machine)",
+    )
     parser.add_argument("--extra", default="", help="more `bioaudio pretrain` flags")
     args = parser.parse_args()
     if not (args.data / "esc10").is_dir():
@@ -136,7 +145,9 @@ def main() -> int:
         run = args.out / f"pretrain_{model_type}"
         torch.manual_seed(args.seed)  # the pretraining run's own initialisation
         cfg = json.loads((run / "config.json").read_text())["options"]
-        random_init = build_model(model_type, encoder={"preset": cfg["preset"], **cfg["encoder_options"]})
+        random_init = build_model(
+            model_type, encoder={"preset": cfg["preset"], **cfg["encoder_options"]}
+        )
         pretrained = load_model(run / "export")
         res = {"pretrain": summary, "random": probe(random_init, esc, digits)}
         res["pretrained"] = probe(pretrained, esc, digits)
@@ -163,7 +174,9 @@ def main() -> int:
                 for t in ("esc10", "digits")
             ]
             label = f"{model_type} {args.preset}, {kind} weights"
-            lines.append(f"| {label} | {what if kind == 'pretrained' else 'none'} | {' | '.join(cells)} |")
+            lines.append(
+                f"| {label} | {what if kind == 'pretrained' else 'none'} | {' | '.join(cells)} |"
+            )
     table = "\n".join(lines)
     (args.out / "results.md").write_text(table + "\n")
     print("\n" + table)

@@ -14,6 +14,7 @@ import sys
 import warnings
 from collections.abc import Sequence
 
+from bioaudio import runinfo, runlog
 from bioaudio.config import ArgumentParser
 from bioaudio.errors import BioaudioError
 
@@ -45,9 +46,27 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "finetune a BEATs / EAT encoder into a classifier over seeds and folds",
     ),
     "infer": ("bioaudio.commands.infer", "classify a file or a folder with a trained model"),
+    "evaluate": (
+        "bioaudio.commands.evaluate",
+        "test metrics, confusion matrix and PR curves of a classifier on a labelled manifest",
+    ),
+    "detect": (
+        "bioaudio.commands.detect",
+        "detect calls in long recordings: events, Raven selection tables",
+    ),
+    "embed": ("bioaudio.commands.embed", "export window embeddings of audio to Parquet"),
+    "explore": ("bioaudio.commands.explore", "open the embedding explorer app (Streamlit)"),
+    "plot-embeddings": (
+        "bioaudio.commands.plot_embeddings",
+        "static t-SNE / UMAP map grids of an embeddings file (PNG)",
+    ),
     "convert": (
         "bioaudio.commands.convert",
         "convert an official BEATs / EAT checkpoint to our export",
+    ),
+    "info": (
+        "bioaudio.commands.info",
+        "provenance, size and results of a run, an experiment or an export",
     ),
 }
 
@@ -112,21 +131,38 @@ def main(argv: Sequence[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     module.add_arguments(parser)
+    # `--config RUN_DIR/config.json` refuses a run config written by another command.
+    parser.set_defaults(bioaudio_command=name)
     args = parser.parse_args(argv[1:])
-    try:
-        code = module.run(args)
-    except BioaudioError as e:
-        sys.stderr.write(f"bioaudio {name}: error: {one_line(e)}\n")
-        return 2
-    except KeyboardInterrupt:
-        sys.stderr.write(f"bioaudio {name}: interrupted\n")
-        return 130
-    except MemoryError:
-        sys.stderr.write(f"bioaudio {name}: error: out of memory (try a smaller --batch_size)\n")
-        return 1
-    except FileNotFoundError as e:
-        sys.stderr.write(f"bioaudio {name}: error: file not found: {e.filename or e}\n")
-        return 2
+    runinfo.set_command_line(["bioaudio", *argv])
+    # The session tees everything printed (errors included) into the log.txt a command
+    # attaches, turns progress into status lines off a terminal and counts repeated warnings.
+    with runlog.session():
+        try:
+            code = module.run(args)
+        except BioaudioError as e:
+            sys.stderr.write(f"bioaudio {name}: error: {one_line(e)}\n")
+            return 2
+        except KeyboardInterrupt:
+            sys.stderr.write(f"bioaudio {name}: interrupted\n")
+            return 130
+        except MemoryError:
+            sys.stderr.write(
+                f"bioaudio {name}: error: out of memory (try a smaller --batch_size)\n"
+            )
+            return 1
+        except FileNotFoundError as e:
+            sys.stderr.write(f"bioaudio {name}: error: file not found: {e.filename or e}\n")
+            return 2
+        except OSError as e:
+            # An output that cannot be written (read-only place, a parent that is a file, a
+            # full disk): the path and the reason, not a traceback.
+            if e.errno is None:
+                raise
+            reason = e.strerror or one_line(e)
+            where = f": {e.filename}" if e.filename else ""
+            sys.stderr.write(f"bioaudio {name}: error: {reason}{where}\n")
+            return 2
     if os.environ.get("BIOAUDIO_DEBUG"):
         sys.stderr.write(f"bioaudio {name}: exit {code or 0}\n")
     return int(code or 0)

@@ -129,6 +129,7 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, prefix: str =
         if default is not dataclasses.MISSING:
             shown = ",".join(map(str, default)) if isinstance(default, (list, tuple)) else default
             help_text = f"{help_text} (default: {shown})" if help_text else f"default: {shown}"
+        help_text = help_text.replace("%", "%%")  # argparse formats help with %
         flag = f"--{prefix}{f.name}"
         base, _ = _unwrap_optional(tp)
         if base is bool:
@@ -206,12 +207,49 @@ def to_dict(obj: Any) -> dict[str, Any]:
     return clean(obj)
 
 
-def load_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a YAML or JSON config file into a dict (one-line error when it cannot be read)."""
+def is_run_config(data: dict[str, Any]) -> bool:
+    """A run directory's config.json (written by a training command), not a file of options."""
+    return isinstance(data.get("command"), str) and ("options" in data or "train" in data)
+
+
+def run_config_options(
+    data: dict[str, Any], where: str | Path, command: str | None = None
+) -> dict[str, Any]:
+    """The options of a run's config.json, to re-run it with the same resolved options: one-line
+    errors for a run of another command and for a config without options. The config of one run
+    of an experiment (RUN_ROOT/seed_42/config.json) re-runs that run only: its seed (and fold)."""
+    written_by = data.get("command")
+    if command is not None and written_by != command:
+        raise ConfigError(
+            f"{where} is the config of a `bioaudio {written_by}` run, not of `bioaudio "
+            f"{command}`; run `bioaudio {written_by} ... --config {where}` instead"
+        )
+    options = data.get("options")
+    if not isinstance(options, dict):
+        raise ConfigError(f"{where}: this run config holds no options to re-run")
+    options = dict(options)
+    run = data.get("run") if isinstance(data.get("run"), dict) else {}
+    if "seeds" in options and isinstance(run.get("seed"), int):
+        options["seeds"] = [run["seed"]]
+    if run.get("fold") is not None and "test_fold" in options:
+        options["test_fold"], options["cv"] = run["fold"], False
+    return options
+
+
+def load_config_file(path: str | Path, command: str | None = None) -> dict[str, Any]:
+    """Read a YAML or JSON config file into a dict (one-line error when it cannot be read).
+
+    A run directory's config.json is accepted too: its options (see `run_config_options`;
+    `command` names the command reading it, which must be the one that wrote it)."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
-    text = p.read_text()
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"config file {p} is not UTF-8 text (byte {e.start}); save it as UTF-8"
+        ) from e
     try:
         if p.suffix.lower() in (".yaml", ".yml"):
             import yaml
@@ -225,6 +263,14 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {p} must hold a mapping of option: value")
+    fmt = data.get("format")
+    if isinstance(fmt, str) and fmt.startswith("bioaudio."):
+        raise ConfigError(
+            f"config file {p} is the config.json of a {fmt} folder (a model), not options; "
+            "pass the folder itself where a model is expected"
+        )
+    if is_run_config(data):
+        return run_config_options(data, p, command)
     return data
 
 
@@ -249,13 +295,22 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def config_from_args(cls: type[T], ns: argparse.Namespace, *, skip: tuple[str, ...] = ()) -> T:
-    """Resolve a config: defaults < `ns.config` file (if any) < explicit flags in `ns`."""
+def config_from_args(
+    cls: type[T],
+    ns: argparse.Namespace,
+    *,
+    skip: tuple[str, ...] = (),
+    command: str | None = None,
+) -> T:
+    """Resolve a config: defaults < `ns.config` file (if any) < explicit flags in `ns`.
+
+    `--config` may be a run directory's config.json written by the same `command` (default:
+    `ns.bioaudio_command`, set by the CLI): the run's resolved options."""
     field_names = {f.name for f in dataclasses.fields(cls)}
     data: dict[str, Any] = {}
     config_path = getattr(ns, "config", None)
     if config_path and "config" not in field_names:
-        data = load_config_file(config_path)
+        data = load_config_file(config_path, command or getattr(ns, "bioaudio_command", None))
     flat = {
         k: v
         for k, v in vars(ns).items()

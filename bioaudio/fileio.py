@@ -3,19 +3,31 @@
 A reader (another process, a resumed run, a user opening a CSV) never sees half a file: a file is
 written under a temporary name beside its target (same file system) and renamed into place; a
 folder (an export, a training state, a feature cache) is filled under a temporary name and swapped
-in, the previous one removed only after the swap succeeded.
+in, the previous one removed only after the swap succeeded. Temporary folders left by a killed
+process are recognised by name and removed later (`remove_stale_temp_dirs`).
+
+Outputs are checked before any work: `check_writable` (a parent that is a file, a read-only
+place) and `guard_output` (never replace audio, the command's input, or a file that is not one
+of our outputs of that kind, unless --overwrite). JSON never holds NaN (`json_safe`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import math
 import os
+import re
 import shutil
+import socket
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
+
+from bioaudio.errors import ConfigError
 
 
 @contextlib.contextmanager
@@ -43,9 +55,24 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     return Path(path)
 
 
+def json_safe(value: Any) -> Any:
+    """`value` with every non-finite float (NaN, +-inf) replaced by None: JSON has no NaN, and a
+    bare `NaN` in a results file breaks strict readers (and hides that something went wrong)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:  # numpy / torch scalars
+        return json_safe(value.item())
+    return value
+
+
 def save_json_atomic(path: str | Path, data: Any) -> Path:
-    """Write JSON (indented, non-JSON values as str) atomically."""
-    return write_text_atomic(path, json.dumps(data, indent=2, default=str) + "\n")
+    """Write JSON (indented, non-JSON values as str, non-finite numbers as null) atomically."""
+    text = json.dumps(json_safe(data), indent=2, default=str, allow_nan=False)
+    return write_text_atomic(path, text + "\n")
 
 
 def write_csv_atomic(df: Any, path: str | Path, **kwargs: Any) -> Path:
@@ -63,13 +90,129 @@ def _match_umask(path: Path, mode: int) -> None:
     path.chmod(mode & ~umask)
 
 
+def _host_tag() -> str:
+    return hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+
+
 def temp_dir_beside(out: str | Path) -> Path:
-    """A new empty folder next to `out` (same file system, so the final rename is atomic)."""
+    """A new empty folder next to `out` (same file system, so the final rename is atomic).
+
+    Named `.<name>.tmp-p<pid>h<host>-<random>`, so a later run can tell a folder left by a killed
+    process from one a running process is filling (`remove_stale_temp_dirs`)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    prefix = f".{out.name}.tmp-p{os.getpid()}h{_host_tag()}-"
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=out.parent))
     _match_umask(tmp, 0o777)
     return tmp
+
+
+STALE_AFTER_S = 86400.0  # temp folders whose maker cannot be checked: removed after a day
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    except OSError:
+        return True
+    return True
+
+
+def remove_stale_temp_dirs(out: str | Path, max_age_s: float = STALE_AFTER_S) -> list[Path]:
+    """Remove the temporary folders `temp_dir_beside(out)` left behind by interrupted runs.
+
+    A folder made on this machine by a process that no longer exists is removed; one made
+    elsewhere (a shared file system) or named the older way (no process id) only once it has
+    not changed for `max_age_s`. Folders of a running process and anything else are kept.
+    Returns the folders removed."""
+    out = Path(out)
+    if not out.parent.is_dir():
+        return []
+    mine = re.compile(rf"^\.{re.escape(out.name)}\.tmp-(?:p(\d+)h([0-9a-f]{{8}})-)?")
+    removed = []
+    for d in out.parent.iterdir():
+        m = mine.match(d.name)
+        if m is None or not d.is_dir() or d.is_symlink():
+            continue
+        pid, host = m.group(1), m.group(2)
+        if pid is not None and host == _host_tag():
+            stale = not _pid_alive(int(pid))
+        else:
+            try:
+                stale = time.time() - d.stat().st_mtime > max_age_s
+            except OSError:
+                stale = False
+        if stale:
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+    return removed
+
+
+# ----------------------------------------------------------------------------------------------
+# Outputs: never clobber what the command did not write, fail before any work when impossible
+
+
+def check_writable(path: str | Path, flag: str = "--out") -> Path:
+    """One-line ConfigError, before any work, when `path` cannot be written: an ancestor is a
+    file, or the nearest existing folder is not writable. Returns `path`."""
+    p = Path(path).expanduser()
+    probe = p.parent if not p.exists() or not p.is_dir() else p
+    while not probe.exists() and probe != probe.parent:
+        if probe.is_symlink():  # a dangling link where a folder should be
+            raise ConfigError(f"cannot write {flag} {p}: {probe} is a broken symbolic link")
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(f"cannot write {flag} {p}: {probe} is a file, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot write {flag} {p}: {probe} is not writable (permission denied)")
+    return p
+
+
+def guard_output(
+    path: str | Path,
+    *,
+    what: str,
+    ours: Callable[[Path], bool],
+    inputs: Iterable[str | Path] = (),
+    overwrite: bool = False,
+    flag: str = "--out",
+) -> Path:
+    """Refuse (one-line ConfigError) to write `what` to `path` when that would destroy a file the
+    command did not make: an input of the command, an audio file, or an existing file that
+    `ours(path)` does not recognise as one of our outputs of this kind. `overwrite` allows all.
+    Also checks that `path` can be written at all (`check_writable`). Returns `path`."""
+    from bioaudio.errors import ConfigError
+
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise ConfigError(f"{flag} {p} is a folder; give a file name")
+    check_writable(p, flag)
+    if overwrite:
+        return p
+    hint = "; pass --overwrite to replace it anyway, or choose another path"
+    for source in inputs:
+        try:
+            same = Path(source).exists() and p.exists() and os.path.samefile(source, p)
+        except OSError:
+            same = False
+        if same:
+            raise ConfigError(f"{flag} {p} is the command's input; refusing to overwrite it{hint}")
+    from bioaudio.data.audio import is_audio_path  # fileio sits below data: imported on use
+
+    if is_audio_path(p):
+        raise ConfigError(
+            f"{flag} {p} is named like an audio file; refusing to write {what} there{hint}"
+        )
+    if (p.exists() or p.is_symlink()) and not ours(p):
+        raise ConfigError(
+            f"{flag} {p} exists and is not a {what} written by bioaudio; refusing to replace it"
+            f"{hint}"
+        )
+    return p
 
 
 def replace_dir(src: str | Path, dst: str | Path) -> Path:

@@ -96,7 +96,7 @@ def test_workers_do_not_change_the_manifest(folders_tree: Path) -> None:
 def test_written_manifest_reads_back_equal(folders_tree: Path, tmp_path: Path) -> None:
     out = tmp_path / "elsewhere" / "m.csv"
     res = prepare_manifest(folders_tree, out=out, config=QUIET)
-    assert res.manifest_path == out and (out.parent / "skipped.csv").is_file()
+    assert res.manifest_path == out and (out.parent / "m.skipped.csv").is_file()
     back = read_manifest(out)
     pd.testing.assert_frame_equal(
         back[COLUMNS].reset_index(drop=True),

@@ -29,7 +29,7 @@ from bioaudio.training.rundir import find_resume_state, list_states
 from bioaudio.training.schedules import cosine_ramp, linear_ramp, warmup_cosine
 
 TOY = Path(__file__).with_name("train_toy.py")
-TIMING = ["samples_per_s", "elapsed_s"]
+TIMING = ["samples_per_s", "elapsed_s", "data_wait", "peak_rss_mb"]  # measured, not computed
 
 
 @pytest.fixture(autouse=True)

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from bioaudio.config import add_dataclass_args, config_from_args
 from bioaudio.errors import CheckpointError, ConfigError
-from bioaudio.fileio import temp_dir_beside
+from bioaudio.fileio import check_writable, temp_dir_beside
 from bioaudio.models import registry
 from bioaudio.models.checkpoint import (
     WEIGHTS_FILE,
@@ -158,6 +158,7 @@ def _convert_tokenizer(src: Path, dst: Path) -> int:
 def run(args: argparse.Namespace) -> int:
     opts = config_from_args(ConvertOptions, args)
     src, dst = Path(args.src), Path(args.dst)
+    check_writable(dst, "DST")
     kind, weights, _ = detect_format(src, opts.config)
     if dst.exists() and not opts.force:
         raise ConfigError(f"{dst} already exists; pass --force to replace it")

@@ -1,7 +1,8 @@
 """Generate the small synthetic bioacoustic demo dataset (six species, every data layout).
 
 The same --seed always gives the same files. OUT must be new, empty, or a previous demo-data
-output (its layout folders are replaced); anything else needs --force.
+output (the files it wrote are replaced, files you added are kept); anything else needs
+--force.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import time
 
 from bioaudio.config import add_dataclass_args, config_from_args
 from bioaudio.data.demo import DemoDataConfig, generate_demo_data
+from bioaudio.fileio import check_writable
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -21,6 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(DemoDataConfig, args)
+    check_writable(args.out, "OUT")
     t0 = time.perf_counter()
     summary = generate_demo_data(
         args.out,

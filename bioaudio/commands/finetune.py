@@ -61,7 +61,7 @@ class FinetuneConfig(LoopOptions, ExperimentOptions):
     )
     lr: float = field(default=1e-4, metadata={"help": "peak learning rate (of the head)"})
     warmup_steps: int | None = field(
-        default=None, metadata={"help": "linear warmup steps; unset: 10 % of the steps"}
+        default=None, metadata={"help": "linear warmup steps; unset: a tenth of the steps"}
     )
     weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay"})
     layer_decay: float = field(

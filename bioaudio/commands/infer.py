@@ -29,6 +29,7 @@ import torch
 
 from bioaudio.config import add_dataclass_args, config_from_args
 from bioaudio.errors import ConfigError, DataError
+from bioaudio.fileio import check_writable
 from bioaudio.inference.infer import infer_file, infer_folder
 from bioaudio.inference.predict import load_classifier
 
@@ -89,6 +90,10 @@ def run(args: argparse.Namespace) -> int:
     source = Path(args.input).expanduser()
     if not source.exists():
         raise DataError(f"input not found: {source}")
+    out = cfg.out or Path.cwd() / f"predictions_{source.stem or source.name}"
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} exists and is not a folder")
+    check_writable(out)
     use_cuda = torch.cuda.is_available() and not cfg.cpu
     device = torch.device("cuda" if use_cuda else "cpu")
     model = load_classifier(args.model, device=device)
@@ -97,9 +102,6 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.model}: not a classifier (no class names / head)")
     provenance = getattr(model, "provenance", {}) or {}
     window = cfg.window or provenance.get("clip_seconds") or DEFAULT_WINDOW
-    out = cfg.out or Path.cwd() / f"predictions_{source.stem or source.name}"
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} exists and is not a folder")
     cfg = dataclasses.replace(cfg, out=out)
     if source.is_dir():
         messages = infer_folder(model, source.resolve(), out, cfg, float(window), device)

@@ -23,6 +23,7 @@ import dataclasses
 from pathlib import Path
 
 from bioaudio.config import add_dataclass_args, config_from_args, from_dict
+from bioaudio.fileio import check_writable
 from bioaudio.models import registry
 from bioaudio.training.experiment import say
 from bioaudio.training.pretrain import PretrainOptions, pretrain
@@ -67,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
     for name, values in per_objective.items():
         merged = {**cfg.objectives.get(name, {}), **values}
         cfg.objectives[name] = dataclasses.asdict(from_dict(configs[name], merged, where=name))
+    check_writable(cfg.out)
     summary = pretrain(args.data, cfg, say=say)
     if summary["status"] != "completed":
         say(f"interrupted at step {summary['steps']}; run the same command again to continue")

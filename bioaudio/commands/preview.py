@@ -32,6 +32,7 @@ from bioaudio.data.frontend import (
 )
 from bioaudio.data.manifest import class_names_of, read_manifest, split_labels
 from bioaudio.errors import AudioDecodeError, ConfigError, DataError
+from bioaudio.fileio import check_writable
 
 UNLABELLED = "(unlabelled)"
 NO_LABEL = "(no label)"
@@ -197,6 +198,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(PreviewConfig, args)
     cfg.validate()
+    check_writable(cfg.out)
     df = read_manifest(args.manifest)
     result = make_preview(df, cfg)
     for note in result.notes:

@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 
 from bioaudio.config import add_dataclass_args, config_from_args
-from bioaudio.data.manifest import read_manifest, write_manifest
+from bioaudio.data.manifest import guard_manifest_output, read_manifest, write_manifest
 from bioaudio.data.splits import SplitConfig, split_manifest, split_table
 
 MAX_TABLE_ROWS = 40
@@ -39,9 +39,10 @@ def default_out(manifest: Path) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(SplitConfig, args)
+    out = Path(cfg.out) if cfg.out is not None else default_out(Path(args.manifest))
+    guard_manifest_output(out, (args.manifest,), cfg.overwrite)
     df = read_manifest(args.manifest)
     result = split_manifest(df, cfg)
-    out = Path(cfg.out) if cfg.out is not None else default_out(Path(args.manifest))
     write_manifest(result.df, out)
 
     table = split_table(result.df, result.column)

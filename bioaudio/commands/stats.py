@@ -16,7 +16,13 @@ from pathlib import Path
 from bioaudio.config import add_dataclass_args, config_from_args
 from bioaudio.data.frontend import OFFICIAL_STATS
 from bioaudio.data.manifest import read_manifest
-from bioaudio.data.stats import StatsConfig, compute_stats, default_stats_path, save_stats
+from bioaudio.data.stats import (
+    StatsConfig,
+    compute_stats,
+    default_stats_path,
+    guard_stats_output,
+    save_stats,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,9 +34,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(StatsConfig, args)
+    out = Path(cfg.out) if cfg.out is not None else default_stats_path(args.manifest)
+    guard_stats_output(out, (args.manifest,), cfg.overwrite)
     df = read_manifest(args.manifest)
     record = compute_stats(df, cfg, manifest=args.manifest)
-    out = Path(cfg.out) if cfg.out is not None else default_stats_path(args.manifest)
     save_stats(record, out)
     print(
         f"{record['frontend']}: mean {record['mean']:.5f}  std {record['std']:.5f}"

@@ -292,8 +292,9 @@ class AudioDataset(ReaderDataset, Dataset):
     sorted labels; `[]` gives items without targets (pretraining on a labelled set). Rows shorter than `min_seconds`
     (default one 25 ms fbank frame) are dropped at construction with a warning. With
     `skip_errors`, an unreadable file is reported once as a warning, counted in `n_skipped`
-    (per process) and replaced by the next readable row, so batches keep their size; without it,
-    AudioDecodeError names the file. `wave_augment(wav, rng)` is applied whenever given (pass
+    (per process), marked in `failed_paths()` (shared with DataLoader workers) and replaced by
+    the next readable row, so batches keep their size; without it, AudioDecodeError names the
+    file. `wave_augment(wav, rng)` is applied whenever given (pass
     None for evaluation).
     """
 
@@ -338,10 +339,20 @@ class AudioDataset(ReaderDataset, Dataset):
         ]
         self.skip_errors = skip_errors
         self.n_skipped = 0
+        # Rows that failed, in shared memory: workers mark them, the main process reads them.
+        self._failed = (
+            torch.zeros(len(self._paths), dtype=torch.bool).share_memory_() if skip_errors else None
+        )
         self._epoch = _SharedEpoch()
 
     def __len__(self) -> int:
         return len(self._paths)
+
+    def failed_paths(self) -> list[str]:
+        """Files that could not be read so far (in this process and its workers), in row order."""
+        if self._failed is None:
+            return []
+        return list(dict.fromkeys(self._paths[i] for i in torch.nonzero(self._failed).flatten()))
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         index = int(index)
@@ -356,6 +367,8 @@ class AudioDataset(ReaderDataset, Dataset):
                 if not self.skip_errors:
                     raise
                 self.n_skipped += 1
+                if self._failed is not None:
+                    self._failed[i] = True
                 warnings.warn(f"skipping unreadable audio: {e}", stacklevel=2)
         raise DataError(f"{tries} consecutive unreadable files from row {index}; check the data")
 

@@ -39,7 +39,7 @@ FORMAT_TAG = "bioaudio-demo-data"
 FORMAT_VERSION = 1
 MARKER = ".bioaudio-demo-data.json"
 LAYOUTS = ("unlabelled", "labelled", "by_class", "soundscapes", "pairs")
-OWNED = (*LAYOUTS, "README.txt", MARKER)  # everything a (re)generation replaces
+OWNED = (*LAYOUTS, "README.txt", MARKER)  # where a generation writes (the marker lists its files)
 
 SPECIES: dict[str, str] = {
     "sweep_tanager": "2-5 fast downward FM sweeps (~6.5 -> 2.5 kHz), sometimes a final upsweep",
@@ -516,8 +516,8 @@ def generate_demo_data(
 ) -> DemoSummary:
     """Write the demo dataset into `out` and return what was written.
 
-    `out` must be absent, empty, or a previous demo-data output (its layout folders are then
-    replaced); anything else needs `force=True`. Files are written into a temporary folder
+    `out` must be absent, empty, or a previous demo-data output (the files it wrote, listed in
+    its marker, are then replaced; files added since are kept); anything else needs `force=True`. Files are written into a temporary folder
     beside `out` and moved in at the end, so an interrupted run leaves `out` as it was.
     """
     cfg = DemoDataConfig(seed, n_per_class, n_unlabelled, soundscapes, force)
@@ -528,8 +528,8 @@ def generate_demo_data(
     if out.is_dir() and any(out.iterdir()) and not _is_demo_dir(out) and not force:
         raise ConfigError(
             f"output {out} is not empty and is not a previous demo-data output; "
-            "choose another folder or pass --force (only "
-            f"{', '.join(o for o in OWNED if not o.startswith('.'))} are replaced)"
+            "choose another folder or pass --force (the demo files are written into "
+            f"{', '.join(o for o in OWNED if not o.startswith('.'))}; other files are kept)"
         )
     from tqdm.auto import tqdm
 
@@ -564,26 +564,55 @@ def generate_demo_data(
         (tmp / "README.txt").write_text(_readme(cfg, n_multi, n_pairs))
         marker = {"format": FORMAT_TAG, "version": FORMAT_VERSION, "classes": species}
         marker.update({k: v for k, v in vars(cfg).items() if k != "force"})
+        # Every file this run writes: a later run replaces these and nothing else.
+        marker["files"] = sorted(
+            p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file()
+        )
         (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
         size = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
-        _move_into(tmp, out)
+        _move_into(tmp, out, force)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return DemoSummary(out, seed, species, b.layouts, size)
 
 
-def _move_into(tmp: Path, out: Path) -> None:
+def _written_before(out: Path) -> set[str] | None:
+    """The files a previous demo-data run wrote into `out` (its marker's list); None when the
+    marker predates the list (or is absent)."""
+    try:
+        files = json.loads((out / MARKER).read_text()).get("files")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return {str(f) for f in files} if isinstance(files, list) else None
+
+
+def _move_into(tmp: Path, out: Path, force: bool = False) -> None:
+    """Move the new files from `tmp` into `out`. Only files demo-data wrote before (listed in
+    its marker) are replaced or removed; files the user added are kept. A user's file where a
+    demo file goes is refused (before anything changes) unless `force`."""
     if not out.exists():
         tmp.rename(out)
         return
-    for name in OWNED:
-        dst = out / name
-        if dst.is_dir() and not dst.is_symlink():
-            shutil.rmtree(dst)
-        elif dst.exists() or dst.is_symlink():
+    new = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
+    before = _written_before(out)
+    always = {"README.txt", MARKER}
+    if before is not None and not force:
+        theirs = [f for f in new if f not in before and f not in always and (out / f).exists()]
+        if theirs:
+            raise ConfigError(
+                f"{out / theirs[0]} was not written by demo-data and a demo file goes there; "
+                "move it away or pass --force to replace it"
+            )
+    for rel in sorted(before or ()):  # our old files (a smaller run leaves fewer)
+        dst = out / rel
+        if dst.is_file() or dst.is_symlink():
             dst.unlink()
-    for src in sorted(tmp.iterdir()):
-        src.rename(out / src.name)
+    for rel in new:
+        dst = out / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if dst.is_dir() and not dst.is_symlink():
+            raise ConfigError(f"{dst} is a folder where demo-data writes a file; move it away")
+        os.replace(tmp / rel, dst)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -67,7 +67,13 @@ from bioaudio.data.frontend import (
 from bioaudio.data.manifest import read_manifest
 from bioaudio.data.stats import apply_stats, resolve_stats
 from bioaudio.errors import AudioDecodeError, ConfigError, DataError
-from bioaudio.fileio import replace_dir, save_json_atomic, temp_dir_beside
+from bioaudio.fileio import (
+    check_writable,
+    remove_stale_temp_dirs,
+    replace_dir,
+    save_json_atomic,
+    temp_dir_beside,
+)
 
 __all__ = [
     "CACHE_FILE",
@@ -281,7 +287,9 @@ def build_cache(
     items["manifest_row"] = items["segment_index"] if cfg.window is not None else items.index
     out_dir = Path(out or cfg.out or default_cache_dir(manifest_path, fcfg.kind, cfg.window, hop))
     out_dir = out_dir.resolve()
+    check_writable(out_dir)
     _check_out(out_dir, cfg.force)
+    remove_stale_temp_dirs(out_dir)  # left by runs that were killed
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_dir_beside(out_dir)
     try:

@@ -10,6 +10,7 @@ Frontends always run in float32 (autocast off): fbank in bf16 loses the low-ener
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -86,6 +87,33 @@ class FrontendConfig:
         if self.mean is not None and self.std is not None:
             return self.mean, self.std
         return OFFICIAL_STATS.get(self.kind)
+
+    def validate(self) -> None:
+        """One-line ConfigError for settings no frontend can use (a config file, an export's
+        config.json): types and ranges, finite statistics."""
+
+        def integer(name: str, low: int) -> None:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ConfigError(f"frontend {name} must be an integer >= {low}, got {v!r}")
+
+        for name in ("sample_rate", "n_mels", "n_fft", "hop_length", "n_mfcc"):
+            integer(name, 1)
+        integer("pad_to_multiple", 0)
+        if self.target_frames is not None:
+            integer("target_frames", 1)
+        if self.n_fft > MAX_N_FFT:
+            raise ConfigError(f"frontend n_fft {self.n_fft} is larger than {MAX_N_FFT} samples")
+        for name in ("mean", "std", "top_db"):
+            v = getattr(self, name)
+            if v is None and name != "top_db":
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ConfigError(f"frontend {name} must be a finite number, got {v!r}")
+        if self.std is not None and self.std <= 0:
+            raise ConfigError(f"frontend std must be positive, got {self.std!r}")
+        if self.top_db <= 0:
+            raise ConfigError(f"frontend top_db must be positive, got {self.top_db!r}")
 
 
 # Largest FFT accepted from a flag: 2**16 samples is 4 s at 16 kHz, far beyond any useful window,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
@@ -146,13 +147,29 @@ def read_labels_csv(
 # folder layouts
 
 
+def _parts_under(q: Path, root: Path) -> tuple[str, ...]:
+    """The parts of `q` below `root`, taking the path as found in the tree: a symbolic link to a
+    file elsewhere stays under its folder. Paths outside `root` give ()."""
+    for base, path in (
+        (Path(os.path.abspath(root)), Path(os.path.abspath(q))),
+        (root.resolve(), Path(os.path.abspath(q))),
+        (root.resolve(), q.resolve()),
+    ):
+        try:
+            return path.relative_to(base).parts
+        except ValueError:
+            continue
+    return ()
+
+
 def folder_labels(paths: Sequence[str | Path], root: str | Path) -> dict[Path, list[str]]:
-    """One folder per class: the first folder under `root` is the label; files at `root` get []."""
-    root = Path(root).resolve()
+    """One folder per class: the first folder under `root` is the label; files at `root` get [].
+    Keys are the paths as given (absolute); symbolic links are not resolved."""
+    root = Path(root)
     out: dict[Path, list[str]] = {}
     for q in paths:
-        q = Path(q).resolve()
-        parts = q.relative_to(root).parts
+        q = Path(os.path.abspath(q))
+        parts = _parts_under(q, root)
         if len(parts) < 2:
             out[q] = []
             continue
@@ -170,12 +187,13 @@ def pair_labels(paths: Sequence[str | Path], root: str | Path) -> dict[Path, lis
     """`positive/` and `negative/` under `root` become labels 'positive' / 'negative'.
 
     Files outside both folders get [] (they are unlabelled). Folder names match case-insensitively.
+    Keys are the paths as given (absolute); symbolic links are not resolved.
     """
-    root = Path(root).resolve()
+    root = Path(root)
     out: dict[Path, list[str]] = {}
     for q in paths:
-        q = Path(q).resolve()
-        parts = q.relative_to(root).parts
+        q = Path(os.path.abspath(q))
+        parts = _parts_under(q, root)
         top = parts[0].lower() if len(parts) > 1 else ""
         out[q] = [top] if top in PAIR_LABELS else []
     return out
@@ -265,7 +283,8 @@ def read_raven_table(path: str | Path, label_column: str | None = None) -> list[
     """Parse a Raven selection table (tab-separated, one header line).
 
     Raven lists each selection once per view (Waveform 1, Spectrogram 1, ...); rows are
-    deduplicated by `Selection` (the Spectrogram row wins, it carries the frequency box).
+    deduplicated by `Selection` (the Spectrogram row wins, it carries the frequency box). Rows
+    that share a Selection number but differ in begin, end, label or file are separate calls.
     With `Begin File` and `File Offset (s)` columns (a table spanning several files), times are
     taken relative to the file named in `Begin File`.
     """
@@ -292,10 +311,22 @@ def read_raven_table(path: str | Path, label_column: str | None = None) -> list[
         i = ix.get(col)
         return row[i].strip() if i is not None and i < len(row) else ""
 
-    chosen: dict[str, tuple[int, list[str]]] = {}
-    order: list[str] = []
+    def same_call(row: list[str]) -> tuple[str, ...]:
+        # The rows of one selection (one per view) share its times and label; rows numbered
+        # alike that differ in them are different calls (tables merged or edited by hand).
+        out = []
+        for col in (RAVEN_BEGIN, RAVEN_END):
+            text = cell(row, col)
+            try:
+                out.append(repr(float(text)))
+            except ValueError:
+                out.append(text)
+        return (*out, cell(row, label_col), cell(row, "Begin File"))
+
+    chosen: dict[tuple[str, ...], tuple[int, list[str]]] = {}
+    order: list[tuple[str, ...]] = []
     for lineno, row in enumerate(rows[1:], start=2):
-        sel = cell(row, "Selection") or f"line{lineno}"
+        sel = (cell(row, "Selection") or f"line{lineno}", *same_call(row))
         spectro = cell(row, "View").lower().startswith("spectrogram")
         if sel not in chosen:
             order.append(sel)

@@ -20,6 +20,7 @@ negative (e.g. a window of an annotated recording with no call in it).
 
 from __future__ import annotations
 
+import csv
 import os
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -45,6 +46,7 @@ from bioaudio.data.labels import (
     window_labels,
 )
 from bioaudio.errors import AudioDecodeError, ConfigError, DataError
+from bioaudio.fileio import guard_output
 
 __all__ = [
     "COLUMNS",
@@ -55,11 +57,14 @@ __all__ = [
     "class_names_of",
     "detect_layout",
     "find_audio_files",
+    "guard_manifest_output",
+    "is_manifest_file",
     "join_labels",
     "prepare_manifest",
     "probe_audio",
     "read_manifest",
     "scan_audio",
+    "skipped_path_for",
     "split_labels",
     "write_manifest",
 ]
@@ -77,6 +82,39 @@ COLUMNS = [
     "source",
 ]
 SKIPPED_COLUMNS = ["path", "reason"]
+REQUIRED_COLUMNS = ("path", "sample_rate", "frames", "duration")
+
+
+def _csv_header(path: Path) -> list[str]:
+    """The column names of a CSV file's first line ([] when it cannot be read as text)."""
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            return [c.strip() for c in next(csv.reader(f), [])]
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return []
+
+
+def is_manifest_file(path: str | Path) -> bool:
+    """True for a CSV with a manifest's columns (what `write_manifest` writes)."""
+    return set(REQUIRED_COLUMNS) <= set(_csv_header(Path(path)))
+
+
+def is_skipped_file(path: str | Path) -> bool:
+    """True for a skip list (`path,reason` columns) as `prepare` writes beside a manifest."""
+    return set(SKIPPED_COLUMNS) <= set(_csv_header(Path(path)))
+
+
+def guard_manifest_output(
+    path: str | Path,
+    inputs: tuple[str | Path, ...] = (),
+    overwrite: bool = False,
+    flag: str = "--out",
+) -> Path:
+    """Refuse to write a manifest over audio, over the command's input or over an existing file
+    that is not a manifest (see `bioaudio.fileio.guard_output`); `overwrite` allows it."""
+    return guard_output(
+        path, what="manifest", ours=is_manifest_file, inputs=inputs, overwrite=overwrite, flag=flag
+    )
 
 
 def read_manifest(path: str | Path) -> pd.DataFrame:
@@ -118,10 +156,13 @@ def write_manifest(df: pd.DataFrame, path: str | Path) -> Path:
     def rel(q: str) -> str:
         if is_url(q):
             return str(q)  # object storage: kept as written
-        try:
-            return str(Path(q).resolve().relative_to(base))
-        except ValueError:
-            return str(Path(q).resolve())
+        # The path as found (a symbolic link stays a link under the folder), else resolved.
+        for cand in (Path(os.path.abspath(q)), Path(q).resolve()):
+            try:
+                return str(cand.relative_to(base))
+            except ValueError:
+                pass
+        return str(Path(q).resolve())
 
     out["path"] = [rel(q) for q in out["path"]]
     ordered = [c for c in COLUMNS if c in out.columns] + [
@@ -195,6 +236,13 @@ class PrepareConfig:
         default=8, metadata={"help": "threads reading headers in parallel (I/O bound)"}
     )
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+    overwrite: bool = field(
+        default=False,
+        metadata={
+            "help": "replace an existing --out (and its skip list) even when it is not a "
+            "manifest written by bioaudio"
+        },
+    )
 
     def validate(self) -> None:
         if self.window <= 0:
@@ -212,11 +260,23 @@ def _hidden(name: str) -> bool:
 
 
 def _walk(root: Path) -> tuple[list[Path], list[Path]]:
-    """(audio files, .txt files) under `root`, sorted, hidden files and folders left out."""
+    """(audio files, .txt files) under `root`, sorted, hidden files and folders left out.
+
+    Symbolic links to folders are followed (a class folder may live elsewhere), each real folder
+    once (a link back up the tree is not a loop); paths are as found in the tree, not resolved.
+    """
     audio: list[Path] = []
     texts: list[Path] = []
-    for d, dirs, files in os.walk(root):
-        dirs[:] = sorted(x for x in dirs if not _hidden(x))
+    seen: set[str] = set()
+    for d, dirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(d)
+        if real in seen:  # reached again through a link: already scanned
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = sorted(
+            x for x in dirs if not _hidden(x) and os.path.realpath(os.path.join(d, x)) not in seen
+        )
         for name in sorted(files):
             if _hidden(name):
                 continue
@@ -239,6 +299,39 @@ def _first_line(e: BaseException) -> str:
     return msg.split(": ", 1)[-1] if msg.startswith("Error opening") else msg
 
 
+def _wav_declared_frames(path: str | Path, meta: AudioInfo) -> int | None:
+    """The frame count a RIFF/WAVE header declares for its data chunk, or None when the file is
+    not a plain WAV (or declares no usable size). libsndfile reads a truncated WAV up to its end
+    without complaint, so the promise has to be read from the header itself."""
+    if is_url(path) or not str(meta.format).upper().startswith("WAV"):
+        return None
+    try:
+        with open(path, "rb") as f:
+            head = f.read(12)
+            if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+                return None
+            block = 0
+            while True:
+                chunk = f.read(8)
+                if len(chunk) < 8:
+                    return None
+                cid, size = chunk[:4], int.from_bytes(chunk[4:], "little")
+                if cid == b"fmt ":
+                    fmt = f.read(size)
+                    if len(fmt) < 14:
+                        return None
+                    block = int.from_bytes(fmt[12:14], "little")  # bytes per frame
+                    f.seek(size % 2, os.SEEK_CUR)
+                elif cid == b"data":
+                    if not block or size in (0, 0xFFFFFFFF):  # unfinished (streamed) headers
+                        return None
+                    return size // block
+                else:
+                    f.seek(size + size % 2, os.SEEK_CUR)
+    except OSError:
+        return None
+
+
 def probe_audio(path: str | Path, verify: Verify = "tail") -> AudioInfo:
     """The header of `path`, checked as deep as `verify` asks; AudioDecodeError when unusable.
 
@@ -246,6 +339,12 @@ def probe_audio(path: str | Path, verify: Verify = "tail") -> AudioInfo:
     more frames than the file holds fails here rather than in the middle of a training run.
     """
     meta = audio_info(path)
+    declared = _wav_declared_frames(path, meta)
+    if declared is not None and declared > meta.frames:
+        raise AudioDecodeError(
+            path,
+            f"truncated: the header declares {declared} frames, the file holds {meta.frames}",
+        )
     if verify == "header":
         return meta
     n = min(meta.frames, max(1, meta.sample_rate // 10))
@@ -273,6 +372,8 @@ def scan_audio(
     from tqdm.auto import tqdm
 
     def one(p: Path) -> AudioInfo | str:
+        if p.is_symlink() and not p.exists():
+            return f"dangling symbolic link (its target {os.readlink(p)} does not exist)"
         try:
             return probe_audio(p, verify)
         except AudioDecodeError as e:
@@ -611,20 +712,46 @@ def build_manifest(root: str | Path, config: PrepareConfig | None = None) -> Pre
     return PrepareResult(root, layout, manifest, skipped, notes)
 
 
+def skipped_path_for(manifest_path: str | Path) -> Path:
+    """The skip list beside a manifest: skipped.csv for manifest.csv, else <stem>.skipped.csv."""
+    p = Path(manifest_path)
+    return p.with_name("skipped.csv" if p.name == "manifest.csv" else f"{p.stem}.skipped.csv")
+
+
 def prepare_manifest(
     root: str | Path, out: str | Path | None = None, config: PrepareConfig | None = None
 ) -> PrepareResult:
     """Scan `root` and write the manifest (default `root/manifest.csv`) and `skipped.csv` beside it.
 
-    skipped.csv (path, reason) is always written, possibly with a header only. Raises DataError
-    when nothing usable remains (after writing skipped.csv, so the reasons can be read); an
-    existing manifest is then left untouched.
+    skipped.csv (path, reason) is always written, possibly with a header only; beside a manifest
+    named other than manifest.csv it is `<stem>.skipped.csv`, so two manifests in one folder keep
+    their own. Raises DataError when nothing usable remains (after writing the skip list, so the
+    reasons can be read); an existing manifest is then left untouched. A file at either path
+    that is not one of ours (audio, the labels file, anything else) is refused before the scan
+    unless `config.overwrite`.
     """
+    cfg = config or PrepareConfig()
+    root_in = Path(root).expanduser()
+    default = root_in.resolve() / "manifest.csv" if root_in.is_dir() else None
+    manifest_path = Path(out).expanduser() if out else default
+    skipped_path = None
+    if manifest_path is not None:
+        if manifest_path.is_dir():
+            raise ConfigError(f"--out {manifest_path} is a directory; give a file name (.csv)")
+        labels = Path(cfg.labels_csv).expanduser() if cfg.labels_csv else root_in / "labels.csv"
+        guard_manifest_output(manifest_path, (labels,), cfg.overwrite)
+        skipped_path = skipped_path_for(manifest_path)
+        guard_output(
+            skipped_path,
+            what="skip list",
+            ours=is_skipped_file,
+            inputs=(labels,),
+            overwrite=cfg.overwrite,
+            flag="skip list",
+        )
     result = build_manifest(root, config)
-    manifest_path = Path(out).expanduser() if out else result.root / "manifest.csv"
-    if manifest_path.is_dir():
-        raise ConfigError(f"--out {manifest_path} is a directory; give a file name (.csv)")
-    skipped_path = manifest_path.with_name("skipped.csv")
+    if manifest_path is None or skipped_path is None:  # pragma: no cover - root checked above
+        raise DataError(f"not a directory: {root_in}")
     write_manifest(result.skipped, skipped_path)
     result.skipped_path = skipped_path
     if len(result.manifest) == 0:

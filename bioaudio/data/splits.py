@@ -62,6 +62,10 @@ class SplitConfig:
     out: Path | None = field(
         default=None, metadata={"help": "output manifest; unset: <stem>.split.csv beside MANIFEST"}
     )
+    overwrite: bool = field(
+        default=False,
+        metadata={"help": "replace --out even when it is not a manifest (or is MANIFEST itself)"},
+    )
 
     def validate(self) -> None:
         for name in ("val", "test"):

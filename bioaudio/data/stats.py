@@ -31,7 +31,7 @@ from bioaudio.data.frontend import (
     build_frontend,
 )
 from bioaudio.errors import AudioDecodeError, ConfigError, DataError
-from bioaudio.fileio import save_json_atomic
+from bioaudio.fileio import guard_output, save_json_atomic
 
 STATS_FILE = "stats.json"
 
@@ -50,6 +50,10 @@ class StatsConfig(FrontendOptions):
         default=None, metadata={"help": f"output JSON; unset: {STATS_FILE} beside MANIFEST"}
     )
     num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes"})
+    overwrite: bool = field(
+        default=False,
+        metadata={"help": "replace --out even when it is not a stats file written by bioaudio"},
+    )
 
     def validate(self) -> None:
         if self.max_clips < 1:
@@ -185,6 +189,24 @@ def save_stats(record: dict[str, Any], path: str | Path) -> Path:
     """Write a stats record atomically (temporary file + rename)."""
     save_json_atomic(path, record)
     return Path(path)
+
+
+def is_stats_file(path: str | Path) -> bool:
+    """True for a JSON object with a stats file's keys (what `save_stats` writes)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and {"frontend", "mean", "std"} <= set(data)
+
+
+def guard_stats_output(
+    path: str | Path, inputs: tuple[str | Path, ...] = (), overwrite: bool = False
+) -> Path:
+    """Refuse to write statistics over audio, the input or a file that is not a stats file."""
+    return guard_output(
+        path, what="stats file", ours=is_stats_file, inputs=inputs, overwrite=overwrite
+    )
 
 
 def find_stats_for(manifest_path: str | Path) -> Path | None:

@@ -18,6 +18,16 @@ from bioaudio.fileio import save_json_atomic, write_csv_atomic
 from bioaudio.inference.predict import ClipPredictions, predict_clips
 
 
+def _check_finite(scores: np.ndarray, what: str) -> None:
+    """A model whose probabilities are NaN / inf gives no prediction: an error, never a table or
+    a JSON record of NaN."""
+    if not np.isfinite(scores).all():
+        raise DataError(
+            f"the model gave non-finite probabilities for {what}; its weights or normalisation"
+            " statistics are damaged (re-export or retrain it)"
+        )
+
+
 def _top_k(probs: np.ndarray, names: list[str], k: int) -> list[tuple[str, float]]:
     order = np.argsort(-probs, kind="stable")[:k]
     return [(names[i], float(probs[i])) for i in order]
@@ -137,6 +147,7 @@ def infer_file(
     clips = _clip_predictions(model, df, cfg, window, device, skip=False)
     if len(clips.rows) == 0:
         raise DataError(f"{path}: too short to classify ({meta.duration:.3f} s)")
+    _check_finite(clips.scores, str(path))
     names, multi = list(model.class_names), bool(model.multi_label)
     probs = clips.scores[0]
     top = _top_k(probs, names, cfg.top_k)
@@ -194,6 +205,18 @@ def infer_folder(
         clips = _clip_predictions(model, df, cfg, window, device, skip=True)
         for r, reason in sorted(clips.errors.items()):
             skipped.append({"path": df["path"].iloc[r], "reason": reason})
+        # Files with no window long enough for one feature frame get no prediction: say so.
+        done = set(clips.rows.tolist()) | set(clips.errors)
+        for r in range(len(df)):
+            if r not in done:
+                skipped.append(
+                    {
+                        "path": df["path"].iloc[r],
+                        "reason": f"too short to classify ({float(df['duration'].iloc[r]):.3f} s,"
+                        " less than one feature frame)",
+                    }
+                )
+        _check_finite(clips.scores, "the files under " + str(folder))
         n_windows = clips.windows.groupby("row").size()
         for probs, r in zip(clips.scores, clips.rows):
             p = Path(df["path"].iloc[r])

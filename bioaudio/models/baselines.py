@@ -698,6 +698,11 @@ class BaselineClassifier(nn.Module):
         """ "features" (the frontend runs first) or "waveform" (raw samples in)."""
         return self.baseline.input
 
+    def describe(self) -> str:
+        """One line, e.g. "baseline tiny_mel_cnn, 3 classes" (as AudioModel.describe)."""
+        name = self.baseline.config.get("name", type(self.baseline).__name__)
+        return f"{MODEL_TYPE} {name}, {len(self.class_names)} classes"
+
     def featurise(
         self, wav: Tensor, padding_mask: Tensor | None = None
     ) -> tuple[Tensor, Tensor | None]:

@@ -24,9 +24,11 @@ from __future__ import annotations
 import _compat_pickle
 import collections
 import datetime
+import hashlib
 import importlib
 import io
 import json
+import math
 import os
 import pathlib
 import pickle
@@ -39,6 +41,7 @@ from typing import Any
 
 import torch
 
+from bioaudio import runinfo
 from bioaudio.errors import CheckpointError, ConfigError
 from bioaudio.fileio import replace_dir, temp_dir_beside
 from bioaudio.models import registry
@@ -231,6 +234,129 @@ def _restricted_load_zip(path: Path) -> Any:
             raise CheckpointError(f"{path}: cannot read checkpoint ({_first_line(e)})") from e
 
 
+# ----------------------------------------------------------------------------------------------
+# Checking pickles without loading them (training states that Accelerate / torch.load read)
+# ----------------------------------------------------------------------------------------------
+_STRING_OPS = frozenset(
+    {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "SHORT_BINSTRING", "BINSTRING",
+     "STRING"}
+)  # fmt: skip
+
+
+def pickle_globals(data: bytes, source: str) -> list[tuple[str, str]]:
+    """Every (module, name) a pickle would import, read from its opcodes without running it.
+
+    A pickle can only call what it imports (GLOBAL, STACK_GLOBAL, INST) or takes from the
+    extension registry (refused here), so this list is everything it could execute. The stack
+    is simulated (as `pickletools.dis` does) to know the names a STACK_GLOBAL takes; names that
+    are not plain strings are refused as unreadable."""
+    import pickletools
+
+    mark = object()
+    stack: list[Any] = []  # str for pushed strings, `mark`, None for anything else
+    memo: dict[Any, Any] = {}
+    found: list[tuple[str, str]] = []
+    try:
+        for op, arg, _ in pickletools.genops(data):
+            name = op.name
+            if name in ("EXT1", "EXT2", "EXT4"):
+                raise CheckpointError(
+                    f"{source}: refusing a pickle that uses the extension registry"
+                )
+            if name in ("MEMOIZE", "PUT", "BINPUT", "LONG_BINPUT"):  # the stack is unchanged
+                memo[len(memo) if name == "MEMOIZE" else arg] = stack[-1] if stack else None
+                continue
+            if name == "DUP":
+                stack.append(stack[-1] if stack else None)
+                continue
+            pushed: Any = None
+            if name in ("GLOBAL", "INST"):
+                module, _, attr = str(arg).partition(" ")
+                found.append((module, attr))
+            elif name == "STACK_GLOBAL":
+                module, attr = (stack[-2], stack[-1]) if len(stack) >= 2 else (None, None)
+                if not (isinstance(module, str) and isinstance(attr, str)):
+                    raise CheckpointError(f"{source}: refusing a pickle that hides what it imports")
+                found.append((module, attr))
+            elif name in _STRING_OPS:
+                pushed = arg if isinstance(arg, str) else None
+            elif name in ("GET", "BINGET", "LONG_BINGET"):
+                pushed = memo.get(arg)
+            before, after = op.stack_before, op.stack_after
+            if pickletools.markobject in before or (name == "POP" and stack and stack[-1] is mark):
+                while stack and stack[-1] is not mark:  # everything above the mark
+                    stack.pop()
+                if stack:
+                    stack.pop()
+                below = before.index(pickletools.markobject) if name != "POP" else 0
+            else:
+                below = len(before)
+            if below:
+                del stack[max(0, len(stack) - below) :]
+            if pickletools.markobject in after:
+                stack.append(mark)
+            else:
+                stack.extend([pushed] * len(after))
+    except CheckpointError:
+        raise
+    except Exception as e:  # a damaged pickle: genops raises ValueError and friends
+        raise CheckpointError(f"{source}: not a readable pickle ({_first_line(e)})") from e
+    return found
+
+
+def _allowed_state_globals() -> set[tuple[str, str]]:
+    allowed = set(_safe_globals())
+    try:
+        import numpy as np
+
+        for name in dir(np.dtypes):
+            if name.endswith("DType"):
+                allowed.add(("numpy.dtypes", name))
+    except (ImportError, AttributeError):  # pragma: no cover
+        pass
+    allowed.update({("torch._utils", "_rebuild_device_tensor_from_numpy")})
+    return allowed
+
+
+def check_pickle_file(path: str | Path) -> None:
+    """CheckpointError when a PyTorch file or plain pickle would import anything beyond tensors,
+    numpy arrays and plain containers. Nothing in the file is run or even loaded."""
+    p = Path(path)
+    try:
+        if zipfile.is_zipfile(p):
+            with zipfile.ZipFile(p) as archive:
+                blobs = [(n, archive.read(n)) for n in archive.namelist() if n.endswith(".pkl")]
+        else:
+            blobs = [(p.name, p.read_bytes())]
+    except (OSError, zipfile.BadZipFile) as e:
+        raise CheckpointError(f"{p}: unreadable ({_first_line(e)})") from e
+    allowed = _allowed_state_globals()
+    for _, data in blobs:
+        for module, name in pickle_globals(data, str(p)):
+            mapped = (module, name)
+            if mapped in _compat_pickle.NAME_MAPPING:
+                mapped = _compat_pickle.NAME_MAPPING[mapped]
+            elif module in _compat_pickle.IMPORT_MAPPING:
+                mapped = (_compat_pickle.IMPORT_MAPPING[module], name)
+            if mapped not in allowed:
+                raise CheckpointError(
+                    f"{p}: refusing to unpickle {module}.{name} (a training state holds only "
+                    "tensors, arrays and plain containers)"
+                )
+
+
+STATE_PICKLE_SUFFIXES = (".pkl", ".bin", ".pt", ".pth")
+
+
+def check_state_files(state: str | Path) -> None:
+    """`check_pickle_file` on every pickle of a saved training state folder, before Accelerate or
+    torch.load opens any of them (Accelerate reads some with weights_only=False, and quietly
+    skips a random-state file it cannot read)."""
+    for f in sorted(Path(state).rglob("*")):
+        if f.is_file() and f.suffix in STATE_PICKLE_SUFFIXES:
+            check_pickle_file(f)
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0][:200] if text else type(e).__name__
@@ -342,10 +468,23 @@ def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
     header = _safetensors_header(p)
     if header is None:
         raise CheckpointError(f"{p}: not a safetensors file (bad or truncated header)")
-    n = struct.unpack("<Q", p.open("rb").read(8))[0]
-    end = max(
-        (int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0
-    )
+    with p.open("rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+    end = 0
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (
+            isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)
+            and offsets[0] <= offsets[1]
+        ):
+            raise CheckpointError(
+                f"{p}: corrupt safetensors header: tensor {key!r} has no valid data_offsets"
+            )
+        end = max(end, offsets[1])
     have = p.stat().st_size - 8 - n
     if have < end:
         raise CheckpointError(
@@ -387,6 +526,18 @@ def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source:
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected ({_examples(unexpected)})")
         raise CheckpointError(f"{source}: weights do not match the model: {'; '.join(parts)}")
+    bad = [
+        k
+        for k, v in state.items()
+        if isinstance(v, torch.Tensor)
+        and v.is_floating_point()
+        and not bool(torch.isfinite(v).all())
+    ]
+    if bad:
+        raise CheckpointError(
+            f"{source}: non-finite weights (NaN or inf) in {_examples(bad)}; the model that wrote"
+            " them diverged or the file is damaged"
+        )
     with torch.no_grad():
         model.load_state_dict(state, strict=True)
 
@@ -426,16 +577,128 @@ def is_export_dir(path: Path) -> bool:
         return False
 
 
+def _json_type_errors(cls: type, data: Any, where: str) -> str | None:
+    """The first value of `data` whose JSON type does not fit `cls`'s field (a string where a
+    number goes, "yes" where a boolean goes, ...), as a message; None when all fit. from_dict
+    converts flag strings, which is right for command lines but hides a damaged config."""
+    import dataclasses
+    import typing
+
+    from bioaudio.config import _resolved_hints, _unwrap_optional
+
+    if not isinstance(data, dict):
+        return f"{where} must be a JSON object, got {type(data).__name__}"
+    hints = _resolved_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        value = data[f.name]
+        tp, optional = _unwrap_optional(hints[f.name])
+        if value is None and optional:
+            continue
+        origin = typing.get_origin(tp)
+        if dataclasses.is_dataclass(tp):
+            problem = _json_type_errors(tp, value, f"{where}.{f.name}")
+            if problem:
+                return problem
+            continue
+        if tp is bool:
+            ok = isinstance(value, bool)
+        elif tp is int:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif tp is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        elif tp is str or origin is typing.Literal:
+            ok = isinstance(value, str)
+        elif origin in (list, tuple):
+            ok = isinstance(value, list)
+        else:
+            continue
+        if not ok:
+            return f"{where}.{f.name} is {value!r} ({type(value).__name__}), not a JSON {getattr(tp, '__name__', 'value')}"
+    return None
+
+
+def check_export_config(cfg: dict[str, Any], where: str) -> None:
+    """CheckpointError for an export config.json whose values are of the wrong JSON type or out
+    of range (the frontend, the head, the encoder config, `multi_label`, class names, the
+    training clip length), before anything is built from it."""
+    from bioaudio.data.frontend import FrontendConfig
+    from bioaudio.models.heads import HeadConfig
+
+    problems = []
+    if "multi_label" in cfg and not isinstance(cfg["multi_label"], bool):
+        problems.append(f"multi_label is {cfg['multi_label']!r}, not a JSON boolean (true/false)")
+    names = cfg.get("class_names")
+    if names is not None and not (
+        isinstance(names, list) and all(isinstance(n, str) for n in names)
+    ):
+        problems.append("class_names must be a list of strings")
+    for key, cls in (("frontend", FrontendConfig), ("head", HeadConfig)):
+        if cfg.get(key) is not None:
+            problems.append(_json_type_errors(cls, cfg[key], key))
+    if isinstance(cfg.get("encoder"), dict):
+        try:
+            enc_cls = registry.config_class(str(cfg.get("model_type")))
+        except ConfigError:
+            enc_cls = None
+        if enc_cls is not None:
+            problems.append(_json_type_errors(enc_cls, cfg["encoder"], "encoder"))
+    prov = cfg.get("provenance")
+    if prov is not None and not isinstance(prov, dict):
+        problems.append("provenance must be a JSON object")
+    elif isinstance(prov, dict) and prov.get("clip_seconds") is not None:
+        clip = prov["clip_seconds"]
+        if (
+            isinstance(clip, bool)
+            or not isinstance(clip, (int, float))
+            or not math.isfinite(clip)
+            or clip <= 0
+        ):
+            problems.append(f"provenance.clip_seconds must be a positive number, got {clip!r}")
+    problems = [m for m in problems if m]
+    if problems:
+        raise CheckpointError(f"{where}: {problems[0]}")
+    if isinstance(cfg.get("frontend"), dict):
+        try:
+            from bioaudio.config import from_dict
+
+            from_dict(FrontendConfig, cfg["frontend"], where="frontend")
+        except ConfigError as e:
+            raise CheckpointError(f"{where}: {e}") from e
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def load_export(path: str | Path) -> Any:
     """Load one of our export folders -> its model (eval mode), rebuilt by the model type's
-    registered class (an AudioModel subclass, a BaselineClassifier, ...)."""
+    registered class (an AudioModel subclass, a BaselineClassifier, ...).
+
+    The config is checked (JSON types, ranges) before anything is built, the weights file
+    against the `weights_sha256` in the config (exports written before the hash existed load
+    without it), and the weights must be finite."""
     p = Path(path)
     cfg = read_export_config(p)
+    check_export_config(cfg, str(p / CONFIG_FILE))
     try:
         cls = registry.wrapper_class(str(cfg.get("model_type")))
         model = cls.from_config(cfg)
     except ConfigError as e:
         raise CheckpointError(f"{p / CONFIG_FILE}: {e}") from e
+    expected = cfg.get("weights_sha256")
+    if expected is not None and (p / WEIGHTS_FILE).is_file():
+        if file_sha256(p / WEIGHTS_FILE) != expected:
+            raise CheckpointError(
+                f"{p / WEIGHTS_FILE}: sha256 differs from the one recorded in {CONFIG_FILE} "
+                "(the file was damaged or changed after export)"
+            )
     load_weights(model, read_safetensors(p / WEIGHTS_FILE), str(p / WEIGHTS_FILE))
     model.provenance = cfg.get("provenance") or {}
     return model.eval()
@@ -475,9 +738,13 @@ def write_export(model: Any, tmp: Path, provenance: dict[str, Any] | None = None
             "bioaudio_version": _version(),
             **(getattr(model, "provenance", None) or {}),
             **(provenance or {}),
+            # Who wrote this file (command line, versions, git commit, machine); a Trainer adds
+            # "training" (seeds, data fingerprint, processes). An inherited one is replaced.
+            "environment": runinfo.environment(),
         },
     }
     save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "bioaudio": EXPORT_FORMAT})
+    config["weights_sha256"] = file_sha256(tmp / WEIGHTS_FILE)  # checked by load_export
     (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, default=str) + "\n")
 
 

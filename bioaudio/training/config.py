@@ -84,6 +84,13 @@ class LoopOptions:
         default=False, metadata={"help": "DDP: allow parameters without gradient in a step"}
     )
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+    status_every: float = field(
+        default=30.0,
+        metadata={
+            "help": "seconds between plain status lines when the output is not a terminal (a "
+            "file, a pipe, a SLURM log); 0 = none"
+        },
+    )
 
     def validate_loop(self) -> None:
         """Raise ConfigError for loop values that cannot work (checked before any training)."""
@@ -105,6 +112,8 @@ class LoopOptions:
             raise ConfigError("--weight_decay and --clip_grad must be >= 0 and --eps > 0")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ConfigError(f"--betas must be two numbers in [0, 1), got {self.betas!r}")
+        if not (isinstance(self.status_every, (int, float)) and self.status_every >= 0):
+            raise ConfigError(f"--status_every must be >= 0 seconds, got {self.status_every!r}")
         if self.eval_batch_size is not None and self.eval_batch_size < 1:
             raise ConfigError(f"--eval_batch_size must be positive, got {self.eval_batch_size}")
         if isinstance(self.resume, str) and self.resume.strip().lower() in ("", "none", "null"):

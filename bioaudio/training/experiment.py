@@ -32,6 +32,7 @@ import dataclasses
 import json
 import math
 import os
+import stat
 import warnings
 from collections import Counter
 from collections.abc import Callable
@@ -44,7 +45,9 @@ import pandas as pd
 import torch
 from torch import nn
 
+from bioaudio import runinfo, runlog
 from bioaudio.config import to_dict
+from bioaudio.data.audio import is_url
 from bioaudio.data.augment import SpecAugmentConfig, WaveAugmentConfig, build_wave_augment
 from bioaudio.data.datasets import AudioDataset, collate_batch, resolve_classes, segment_windows
 from bioaudio.data.features import FeatureDataset, find_cache, frames_for_seconds, open_cache
@@ -52,7 +55,7 @@ from bioaudio.data.frontend import FrontendConfig
 from bioaudio.data.manifest import read_manifest, split_labels
 from bioaudio.data.splits import SplitConfig, assign_splits, split_manifest, strata_of
 from bioaudio.errors import ConfigError, DataError, first_line
-from bioaudio.fileio import save_json_atomic, write_csv_atomic
+from bioaudio.fileio import check_writable, save_json_atomic, write_csv_atomic
 from bioaudio.training.artifacts import (
     RUN_SUMMARY,
     TEST_METRICS,
@@ -65,7 +68,7 @@ from bioaudio.training.classification import ClassificationTask
 from bioaudio.training.config import LoopOptions, TrainConfig
 from bioaudio.training.frozen import CachedWindows, EncoderOutputCache, FrozenEncoderClassifier
 from bioaudio.training.loop import Trainer
-from bioaudio.training.rundir import model_identity
+from bioaudio.training.rundir import frontend_identity, identity_differences, model_identity
 
 # ----------------------------------------------------------------------------------------------
 # Options
@@ -358,6 +361,7 @@ class Experiment:
     ):
         cfg.validate_loop()
         cfg.validate_experiment()
+        check_writable(cfg.out)
         self.cfg, self.manifest, self.command = cfg, Path(manifest), command
         self.name = name or command
         self._build, self.frontend, self.stats_file = build_model, frontend, stats_file
@@ -396,11 +400,12 @@ class Experiment:
         if cfg.spec_augment and self.waveform_model:
             raise ConfigError("--spec_augment needs a model that takes features, not the waveform")
         self.cache = self._resolve_cache()
+        self.unreadable = self._unreadable_rows()
+        self.skipped_per_run: dict[str, int] = {}
         self.plans = self._plan()
-        self.identity = model_identity(
-            probe, self.task(None), {**identity, "class_names": names, "frontend": frontend.kind}
-        )
-        self._identity_extra = {**identity, "class_names": names, "frontend": frontend.kind}
+        # The frontend is part of what a run is: other features never continue a run.
+        self._identity_extra = {**identity, "class_names": names, **frontend_identity(frontend)}
+        self.identity = model_identity(probe, self.task(None), self._identity_extra)
         for plan in self.plans:
             self._check_run_dir(plan)
 
@@ -480,6 +485,71 @@ class Experiment:
         self.notes.append(f"feature cache: {path}")
         return cache
 
+    def _unreadable_rows(self) -> dict[int, str]:
+        """Manifest rows whose file is missing or empty, with the reason (one stat per file,
+        nothing decoded). They are left out of every split and listed in each run's
+        skipped.csv; files that fail to decode during training are skipped there too."""
+        reasons: dict[int, str] = {}
+        checked: dict[str, str | None] = {}
+        for i, p in enumerate(self.df["path"].astype(str)):
+            if is_url(p):
+                continue
+            if p not in checked:
+                try:
+                    st = os.stat(p)
+                    checked[p] = (
+                        "is a directory"
+                        if stat.S_ISDIR(st.st_mode)
+                        else "empty file (0 bytes)"
+                        if st.st_size == 0
+                        else None
+                    )
+                except FileNotFoundError:
+                    checked[p] = "no such file"
+                except OSError as e:
+                    checked[p] = e.strerror or first_line(e)
+            if checked[p]:
+                reasons[i] = checked[p]  # type: ignore[assignment]
+        if reasons:
+            n = len({self.df["path"].iloc[i] for i in reasons})
+            self.notes.append(
+                f"{n} file(s) of the manifest are missing or empty and are left out (each run"
+                " lists them in its skipped.csv)"
+            )
+        return reasons
+
+    def _record_skips(self, plan: RunPlan, train_ds: Any, summary: dict[str, Any], acc: Any) -> int:
+        """Write RUN/skipped.csv (path, reason) of the files this run could not use: missing or
+        empty ones (left out of the splits) and those that failed to decode during training
+        (skipped), merged with an earlier session's; add their count to summary.json."""
+        run_dir = self.root / plan.name
+        rows = {str(self.df["path"].iloc[i]): r for i, r in sorted(self.unreadable.items())}
+        failed = train_ds.failed_paths() if isinstance(train_ds, AudioDataset) else []
+        if acc.num_processes > 1 and isinstance(train_ds, AudioDataset):
+            flags = train_ds._failed.to(acc.device).long()  # type: ignore[union-attr]
+            flags = acc.reduce(flags, reduction="sum").cpu() > 0
+            failed = list(dict.fromkeys(train_ds._paths[i] for i in torch.nonzero(flags).flatten()))
+        for path in failed:
+            rows.setdefault(path, _decode_reason(path))
+        if acc.is_main_process:
+            csv_path = run_dir / "skipped.csv"
+            if csv_path.is_file():  # a resumed run: the files skipped before still count
+                try:
+                    old = pd.read_csv(csv_path, dtype=str).fillna("")
+                    for path, reason in zip(old["path"], old["reason"]):
+                        rows.setdefault(path, reason)
+                except (pd.errors.ParserError, pd.errors.EmptyDataError, KeyError):
+                    pass
+            if rows:
+                table = pd.DataFrame(list(rows.items()), columns=["path", "reason"])
+                write_csv_atomic(table, csv_path)
+            if (run_dir / "summary.json").is_file():
+                save_json_atomic(run_dir / "summary.json", {**summary, "skipped_files": len(rows)})
+        summary["skipped_files"] = len(rows)
+        if rows:
+            self.skipped_per_run[plan.name] = len(rows)
+        return len(rows)
+
     def _plan(self) -> list[RunPlan]:
         cfg, df, names = self.cfg, self.df, self.class_names
         if cfg.uses_folds:
@@ -493,8 +563,11 @@ class Experiment:
             if len(missing):
                 self.notes.append(f"{len(missing)} manifest row(s) are not in the cache")
         plans = []
+        bad = np.array(sorted(self.unreadable), dtype=np.int64)
         for fold, train, val, test in splits:
             where = f" in fold {fold}" if fold is not None else ""
+            if len(bad):  # missing / empty files: in no split (listed in skipped.csv)
+                train, val, test = (a[~np.isin(a, bad)] for a in (train, val, test))
             if cached_rows is not None:
                 train = train[np.isin(train, cached_rows)]
                 val = val[np.isin(val, cached_rows)]
@@ -549,14 +622,11 @@ class Experiment:
         d = self.root / plan.name
         saved = _read_json(d / "config.json")
         old = (saved or {}).get("identity")
-        if isinstance(old, dict) and old != self.identity:
-            diffs = [
-                f"{k}: {old.get(k)!r} vs {self.identity.get(k)!r}"
-                for k in sorted(set(old) | set(self.identity))
-                if old.get(k) != self.identity.get(k)
-            ]
+        diffs = identity_differences(old, self.identity) if isinstance(old, dict) else []
+        if diffs:
             raise ConfigError(
-                f"{d} holds a run of another model ({'; '.join(diffs[:2])}); choose another --out"
+                f"{d} holds a run of another model or frontend ({'; '.join(diffs[:2])}); choose"
+                " another --out"
             )
         if self.cfg.resume is None and ((d / "state").is_dir() or (d / "summary.json").is_file()):
             raise ConfigError(f"{d} already holds a run; use --resume auto or another --out")
@@ -607,6 +677,7 @@ class Experiment:
             warnings.simplefilter("ignore", UserWarning)  # sub-frame segments: dropped, counted
             train = AudioDataset(
                 self.df.iloc[plan.train],
+                skip_errors=True,  # a file that fails to decode is skipped and counted
                 sample_rate=sr,
                 clip_seconds=cfg.clip_seconds,
                 train=augment,
@@ -668,6 +739,7 @@ class Experiment:
     def run(self) -> int:
         """Train every planned run (skipping finished ones), then write run_summary.csv.
         0 when all finished, 130 when interrupted (state saved)."""
+        runlog.attach(self.root / "log.txt")  # the whole command's output, appended
         for plan in self.plans:
             run_dir = self.root / plan.name
             if is_finished(run_dir):
@@ -684,11 +756,16 @@ class Experiment:
             write_csv_atomic(table, self.root / RUN_SUMMARY)
             say("\n" + format_summary(table))
             key = "test_mAP" if self.multi_label else "test_accuracy"
-            vals = pd.to_numeric(table[key].iloc[: len(self.plans)], errors="coerce")
+            vals = pd.to_numeric(table[key].iloc[:-2], errors="coerce")  # runs, not mean / std
             spread = f" +- {vals.std(ddof=1):.4f}" if len(vals) > 1 else ""
             say(f"\n{key[5:]}: {vals.mean():.4f}{spread} over {len(vals)} run(s)")
             say(f"runs: {self.root}/<run>/ (test_metrics.json, confusion.png, curves.png, best/)")
             say(f"summary: {self.root / RUN_SUMMARY}")
+            for name, n in self.skipped_per_run.items():
+                say(
+                    f"{name}: skipped {n} unreadable file(s), reasons in"
+                    f" {self.root / name / 'skipped.csv'}"
+                )
         return 0
 
     def train_run(self, plan: RunPlan) -> dict[str, Any] | None:
@@ -731,6 +808,10 @@ class Experiment:
                 "multi_label": self.multi_label,
                 "frontend": to_dict(self.frontend),
             },
+            "provenance": {
+                "seeds": {"seed": plan.seed, "split_seed": cfg.split_seed},
+                "data": self.data_fingerprint(),
+            },
         }
         model = self.build_model(plan.seed)
         trainer = Trainer(
@@ -747,9 +828,16 @@ class Experiment:
         )
         say(f"\n== {plan.name}: {len(train_ds)} training items, {max_steps} steps -> {run_dir}")
         summary = trainer.fit()
+        self._record_skips(plan, train_ds, summary, trainer.accelerator)
         if summary["status"] != "completed":
             return None
         return self.write_artifacts(plan, summary, trainer.accelerator)
+
+    def data_fingerprint(self) -> dict[str, Any]:
+        """The manifest's rows, total duration and sha256 (computed once)."""
+        if getattr(self, "_fingerprint", None) is None:
+            self._fingerprint = runinfo.data_fingerprint(self.manifest, self.df)
+        return self._fingerprint
 
     def write_artifacts(
         self, plan: RunPlan, summary: dict[str, Any], accelerator: Any
@@ -779,6 +867,7 @@ class Experiment:
             if len(items) == cfg.batch_size:
                 break
         out = self.root / "sanity_overfit"
+        runlog.attach(self.root / "log.txt")
         metric = "eval/subset_accuracy" if self.multi_label else "eval/accuracy"
         loop = TrainConfig.for_run(
             cfg,
@@ -854,6 +943,18 @@ class _Items(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         return self.items[i]
+
+
+def _decode_reason(path: str) -> str:
+    """Why a file that failed during training cannot be read (it is read again, briefly)."""
+    from bioaudio.data import audio
+    from bioaudio.errors import AudioDecodeError
+
+    try:
+        audio.load(path, sample_rate=None, duration=0.1)
+    except AudioDecodeError as e:
+        return e.reason or str(e)
+    return "could not be read during training"
 
 
 def _weights_from_file(path: Path, table: pd.DataFrame) -> np.ndarray:

@@ -29,6 +29,7 @@ import atexit
 import contextlib
 import dataclasses
 import importlib.util
+import json
 import math
 import os
 import shutil
@@ -54,6 +55,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate
 from tqdm.auto import tqdm
 
+from bioaudio import runinfo, runlog
 from bioaudio.config import to_dict
 from bioaudio.errors import BioaudioError, ConfigError, DataError, first_line
 from bioaudio.fileio import replace_dir, save_json_atomic
@@ -252,6 +254,9 @@ class Trainer(StateMixin):
         self.stopped_early: int | None = None
         self.elapsed_s = 0.0
         self._window = self._empty_window()
+        # Seconds waiting for the next batch / in whole steps (wait included), per log window and
+        # per session: the data-wait fraction of metrics.csv and summary.json.
+        self._wait_s = self._busy_s = self._session_wait_s = self._session_busy_s = 0.0
         self._last_saved_step = -1
         self._stop_signal: int | None = None
         self._metrics = MetricsCSV(self.out_dir / "metrics.csv")
@@ -566,9 +571,25 @@ class Trainer(StateMixin):
             self.ctx.parts = self.task_parts
             if not self.task.export(self.unwrapped, tmp, self.ctx):
                 self._default_export(self.unwrapped, tmp)
+            self._stamp_export(tmp)
             replace_dir(tmp, dest)
         self.accelerator.wait_for_everyone()
         return dest
+
+    def _stamp_export(self, folder: Path) -> None:
+        """Every export of a run carries the run's provenance, whichever task wrote it."""
+        path = folder / "config.json"
+        try:
+            cfg = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return
+        if not isinstance(cfg, dict):
+            return
+        prov = cfg.get("provenance") if isinstance(cfg.get("provenance"), dict) else {}
+        prov.setdefault("environment", runinfo.environment())
+        prov["training"] = {**self.training_provenance(), "step": self.step}
+        cfg["provenance"] = prov
+        path.write_text(json.dumps(cfg, indent=2, default=str) + "\n")
 
     def _default_export(self, model: nn.Module, out: Path) -> None:
         from safetensors.torch import save_model
@@ -603,8 +624,12 @@ class Trainer(StateMixin):
             "samples_per_s": round(self._session_steps_window * self.cfg.batch_size / dt, 2),
             "elapsed_s": round(self.elapsed_s + (now - self._t0), 2),
         }
+        row.update(self._resources(self._wait_s, self._busy_s))
         row.update({k: logs[k] / good for k in sorted(logs)})
         self._window = self._empty_window()
+        self._session_wait_s += self._wait_s
+        self._session_busy_s += self._busy_s
+        self._wait_s = self._busy_s = 0.0
         self._window_t0, self._session_steps_window = now, 0
         return row
 
@@ -623,7 +648,10 @@ class Trainer(StateMixin):
         """Train to `max_steps` (or until interrupted), then final evaluation, state, export and
         summary.json, which always happen. Returns the summary."""
         try:
-            return self._fit()
+            # Everything printed during the run is appended to its log.txt (main process).
+            with runlog.session(main=self.is_main_process):
+                runlog.attach(self.out_dir / "log.txt", replay=False)
+                return self._fit()
         finally:
             self.release()
 
@@ -665,6 +693,10 @@ class Trainer(StateMixin):
                     "train": to_dict(cfg),
                     "identity": self.identity,
                     "environment": self._environment(),
+                    "provenance": {
+                        "environment": runinfo.environment(),
+                        "training": self.training_provenance(),
+                    },
                 },
             )
             self._metrics.start(keep_up_to=self.step if resumed_from is not None else None)
@@ -677,6 +709,11 @@ class Trainer(StateMixin):
         previous = self._install_signal_handlers()
         try:
             status = self._loop()
+            # A run whose weights went NaN / inf (steps skipped too rarely to trip the guard)
+            # must not export them as a finished model.
+            self._finite_weights = self._weights_finite()
+            if not self._finite_weights:
+                status = "diverged"
             final_eval = self._finish(status)
         except BaseException as e:
             if self.is_main_process:
@@ -688,17 +725,20 @@ class Trainer(StateMixin):
             raise
         finally:
             self._restore_signal_handlers(previous)
-        summary = self._summary(status, final_eval, resumed_from)
+        if status == "diverged":
+            state = self.out_dir / "state" / f"step_{self.step}"
+            error = (
+                f"training diverged: {self.consecutive_bad} non-finite steps in a row up to step "
+                f"{self.step} (--max_bad_steps {cfg.max_bad_steps}); state saved in {state}"
+                if self._finite_weights
+                else f"training diverged: non-finite weights (NaN / inf) at step {self.step}, "
+                f"not exported; state saved in {state}"
+            ) + "; try a lower --lr, --clip_grad or --precision fp32"
+        summary = self._summary(status, final_eval, resumed_from, error=error)
         if self.is_main_process:
             save_json_atomic(self.out_dir / "summary.json", summary)
         self._end_trackers()
         if status == "diverged":
-            error = (
-                f"training diverged: {self.consecutive_bad} non-finite steps in a row up to step "
-                f"{self.step} (--max_bad_steps {cfg.max_bad_steps}); state saved in "
-                f"{self.out_dir / 'state' / f'step_{self.step}'}; try a lower --lr, --clip_grad "
-                "or --precision fp32"
-            )
             raise DivergenceError(error)
         return summary
 
@@ -710,18 +750,23 @@ class Trainer(StateMixin):
             return "completed"
         self.model.train()
         batches = self._step_batches()
-        bar = tqdm(
-            total=cfg.max_steps,
+        bar = runlog.Progress.steps(
+            cfg.max_steps,
+            batch_size=cfg.batch_size,
             initial=self.step,
-            desc="train",
-            unit="step",
-            disable=not (cfg.progress and self.is_main_process),
-            dynamic_ncols=True,
+            enabled=cfg.progress and self.is_main_process,
+            status_every=cfg.status_every,
+            elapsed_offset=self.elapsed_s,
         )
         try:
             while self.step < cfg.max_steps:
+                t_wait = time.perf_counter()
                 epoch, pos, micro = next(batches)
+                t_step = time.perf_counter()
                 ok, stop, loss, grad_norm, logs = self._train_step(micro)
+                t_done = time.perf_counter()
+                self._wait_s += t_step - t_wait
+                self._busy_s += t_done - t_wait
                 self.step += 1
                 self.epoch, self.batch_in_epoch = epoch, pos
                 self._session_steps_window += 1
@@ -746,18 +791,14 @@ class Trainer(StateMixin):
                         )
                 if self.num_processes == 1 and self._stop_signal is not None:
                     stop = True  # a signal that arrived during this step's hook
-                bar.update(1)
+                epoch_pos = epoch + (pos / self.steps_per_epoch if not self._iterable else 0.0)
                 diverged = self.consecutive_bad > cfg.max_bad_steps
                 last = self.step >= cfg.max_steps
                 row: dict[str, Any] = {}
                 if self.step % cfg.log_every == 0 or last or diverged:
-                    epoch_pos = epoch + (pos / self.steps_per_epoch if not self._iterable else 0.0)
                     row = self._flush_window(epoch_pos)
-                    bar.set_postfix(
-                        loss=f"{row['loss']:.4g}",
-                        lr=f"{row['lr']:.3g}",
-                        samples_s=f"{row['samples_per_s']:.1f}",
-                    )
+                    bar.set(loss=row["loss"], lr=f"{row['lr']:.3g}")
+                bar.update(1, epoch=f"{epoch_pos:.2f}")
                 if (
                     self.eval_loader is not None
                     and not diverged
@@ -790,6 +831,9 @@ class Trainer(StateMixin):
         finally:
             batches.close()
             bar.close()
+            self._session_wait_s += self._wait_s
+            self._session_busy_s += self._busy_s
+            self._wait_s = self._busy_s = 0.0
             dt = time.perf_counter() - self._t0
             self.elapsed_s += dt
             self._session_loop_s += dt
@@ -807,8 +851,30 @@ class Trainer(StateMixin):
                 # Out of schedule (interrupted): reported in summary.json, not in metrics.csv,
                 # so a resumed run's metrics.csv equals an uninterrupted one.
                 final_eval = self._evaluate()
-        self._export("export")
+        # A finished run started again (nothing trained in this session) keeps its export.
+        unchanged = self.step == self._session_start_step and self._export_is_current()
+        if getattr(self, "_finite_weights", True) and not unchanged:
+            self._export("export")
         return final_eval
+
+    def _export_is_current(self) -> bool:
+        """True when export/ was written at the current step (its config records the step)."""
+        try:
+            cfg = json.loads((self.out_dir / "export" / "config.json").read_text())
+        except (OSError, ValueError):
+            return False
+        if not isinstance(cfg, dict):
+            return False
+        training = (cfg.get("provenance") or {}).get("training") or {}
+        return training.get("step", cfg.get("step")) == self.step
+
+    def _weights_finite(self) -> bool:
+        """True when every floating-point weight and buffer (model and task parts) is finite."""
+        return all(
+            bool(torch.isfinite(t).all())
+            for t in self.bundle.state_dict().values()
+            if t.is_floating_point()
+        )
 
     def _summary(
         self,
@@ -848,6 +914,34 @@ class Trainer(StateMixin):
             "best_export": str(self.out_dir / "best") if self.best else None,
             "state": str(self.out_dir / "state" / f"step_{self._last_saved_step}"),
             "session_time_s": round(session, 3),
+            **self._resources(self._session_wait_s, self._session_busy_s),
+        }
+
+    def _resources(self, wait_s: float, busy_s: float) -> dict[str, Any]:
+        """Data-wait fraction (time waiting for the next batch / step time, waiting included),
+        peak RSS of this process and, on CUDA, peak memory allocated by torch (process 0's)."""
+        out: dict[str, Any] = {"data_wait": round(wait_s / busy_s, 4) if busy_s > 0 else None}
+        rss = runlog.peak_rss_mb()
+        if rss is not None:
+            out["peak_rss_mb"] = rss
+        cuda = runlog.cuda_peak_mb(self.device)
+        if cuda is not None:
+            out["cuda_peak_mb"] = cuda
+        return out
+
+    def training_provenance(self) -> dict[str, Any]:
+        """`provenance.training` of config.json and of every export: how this run trained.
+        The caller's `run_config["provenance"]` (seeds, data fingerprint) is merged in."""
+        extra = self.run_config.get("provenance")
+        extra = dict(extra) if isinstance(extra, Mapping) else {}
+        seeds = {"seed": self.cfg.seed, **dict(extra.pop("seeds", None) or {})}
+        return {
+            "run_dir": str(self.out_dir.resolve()),
+            "device": str(self.device),
+            "num_processes": self.num_processes,
+            "precision": self.precision,
+            "seeds": seeds,
+            **extra,
         }
 
     def _environment(self) -> dict[str, Any]:

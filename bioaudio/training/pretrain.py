@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bioaudio import runinfo, runlog
 from bioaudio.config import from_dict
 from bioaudio.data.augment import SpecAugmentConfig, spec_augment
 from bioaudio.data.datasets import IGNORE_INDEX
@@ -33,6 +34,7 @@ from bioaudio.models.checkpoint import export_classifier
 from bioaudio.training.config import LoopOptions, TrainConfig
 from bioaudio.training.memory_bank import utterance_embedding
 from bioaudio.training.objectives import Objective, ObjectiveOutput, PretrainInputs
+from bioaudio.training.rundir import frontend_identity
 from bioaudio.training.task import Task, TaskContext
 
 # Terms that use another term's outputs run last.
@@ -414,7 +416,13 @@ def pretrain(data: Path, cfg: PretrainOptions, say: Any = print) -> dict[str, An
         log_every=cfg.log_every,
         eval_every=0,
     )
-    run_config = {"command": "pretrain", "options": cfg, "data": provenance}
+    fingerprint = runinfo.data_fingerprint(data, None if Path(data).is_file() else pdata.table)
+    run_config = {
+        "command": "pretrain",
+        "options": cfg,
+        "data": provenance,
+        "provenance": {"seeds": {"seed": cfg.seed}, "data": fingerprint},
+    }
     trainer = Trainer(
         loop,
         model,
@@ -422,8 +430,13 @@ def pretrain(data: Path, cfg: PretrainOptions, say: Any = print) -> dict[str, An
         dataset,
         collate_fn=collate_batch,
         run_config=run_config,
-        identity={"model_type": model_type, "objectives": [n for n, _ in terms]},
+        identity={
+            "model_type": model_type,
+            "objectives": [n for n, _ in terms],
+            **frontend_identity(model.frontend_cfg),
+        },
     )
+    runlog.attach(cfg.out / "log.txt")  # everything checked: the command's output so far, then on
     if trainer.is_main_process:
         cfg.out.mkdir(parents=True, exist_ok=True)
         write_csv_atomic(pdata.skipped, cfg.out / "skipped.csv")

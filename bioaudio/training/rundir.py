@@ -1,11 +1,14 @@
 """The run directory: identity (what must match to resume), resolved config, complete states,
 metrics.csv, and the lock that keeps two processes out of one run.
 
-    config.json      resolved config + identity of the model/task (checked on resume)
-    metrics.csv      one row per log / eval step; rows after a resumed step are dropped
+    config.json      resolved config + identity of the model/task (checked on resume) +
+                     provenance (bioaudio.runinfo: command line, versions, machine, seeds, data)
+    metrics.csv      one row per log / eval step; rows after a resumed step are dropped;
+                     samples_per_s, data_wait (fraction of step time waiting for data), peak_rss_mb
+    log.txt          everything printed during the run, appended across resumes
     state/step_N/    Accelerate state + trainer_state.json + COMPLETE marker, last K kept
     export/, best/   final and best model
-    summary.json     status, steps, time, samples/s, final and best metrics
+    summary.json     status, steps, time, samples/s, final and best metrics, resources
 """
 
 from __future__ import annotations
@@ -48,6 +51,25 @@ def model_identity(
     if extra:
         identity.update(extra)
     return json.loads(json.dumps(identity, default=str))
+
+
+def frontend_identity(frontend: Any) -> dict[str, Any]:
+    """Identity keys of a frontend config: its kind under "frontend" and every setting as
+    "frontend.<name>" (sample rate, mel bins, FFT, hop, statistics, ...), so resuming a run with
+    other features is refused, naming the setting that differs."""
+    data = to_dict(frontend) if dataclasses.is_dataclass(frontend) else dict(frontend)
+    kind = data.pop("kind", None)
+    return {"frontend": kind, **{f"frontend.{k}": v for k, v in sorted(data.items())}}
+
+
+def identity_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """`key: old vs new` for every identity key that differs. Keys the saved identity does not
+    have were added by a later version and are not compared (older runs stay resumable)."""
+    return [
+        f"{k}: {old.get(k)!r} vs {new.get(k)!r}"
+        for k in sorted(set(old) | set(new))
+        if k in old and old.get(k) != new.get(k)
+    ]
 
 
 def write_run_config(out_dir: str | Path, config: Any) -> Path:

@@ -20,7 +20,14 @@ from tqdm.auto import tqdm
 
 from bioaudio.errors import CheckpointError, ConfigError, first_line
 from bioaudio.fileio import replace_dir, save_json_atomic
-from bioaudio.training.rundir import STATE_FORMAT, STEP_DIR, find_resume_state, list_states
+from bioaudio.models.checkpoint import check_state_files
+from bioaudio.training.rundir import (
+    STATE_FORMAT,
+    STEP_DIR,
+    find_resume_state,
+    identity_differences,
+    list_states,
+)
 
 
 def _plain_window(window: dict[str, Any]) -> dict[str, Any]:
@@ -101,11 +108,7 @@ class StateMixin:
         old = saved.get("identity") if isinstance(saved, dict) else None
         if not isinstance(old, dict):
             return
-        diffs = [
-            f"{k}: {old.get(k)!r} vs {self.identity.get(k)!r}"
-            for k in sorted(set(old) | set(self.identity))
-            if old.get(k) != self.identity.get(k)
-        ]
+        diffs = identity_differences(old, self.identity)
         if diffs:
             where = path.parent
             raise ConfigError(
@@ -159,6 +162,9 @@ class StateMixin:
 
     def _load_state(self, state: Path) -> None:
         saved = self._read_trainer_state(state)
+        # Nothing in a state folder may run code: its pickles are checked before Accelerate or
+        # torch.load open them (Accelerate quietly ignores a random-state file it refuses).
+        check_state_files(state)
         try:
             self.accelerator.load_state(str(state))
         except Exception as e:  # torch / safetensors raise many types for a bad state
@@ -168,7 +174,11 @@ class StateMixin:
         f = state / f"task_state_{self.rank}.pt"
         f = f if f.is_file() else state / "task_state_0.pt"
         if f.is_file():
-            self.task.load_state_dict(torch.load(f, map_location=self.device, weights_only=True))
+            try:
+                task_state = torch.load(f, map_location=self.device, weights_only=True)
+            except Exception as e:  # refused or damaged pickles raise many types
+                raise CheckpointError(f"--resume {f}: cannot load ({first_line(e)})") from e
+            self.task.load_state_dict(task_state)
         elif self.task.state_dict():
             raise CheckpointError(f"--resume {state}: task state {f.name} is missing")
         for g, h in zip(self.optimizer.param_groups, self._group_hparams):
