@@ -88,7 +88,7 @@ from torch import Tensor, nn
 from bioaudio.config import to_dict
 from bioaudio.errors import BioaudioError, ConfigError, first_line
 from bioaudio.models.layers import frames_to_token_mask, keep_indices
-from bioaudio.training.masking import random_mask
+from bioaudio.training.masking import per_clip_masks, random_mask
 from bioaudio.training.memory_bank import utterance_embedding
 from bioaudio.training.objectives import Objective, ObjectiveOutput, PretrainInputs
 from bioaudio.training.task import TaskContext
@@ -408,7 +408,13 @@ class MaskedTokenObjective(Objective):
                 f"{(b, n)}: tokenizer and model must cut the same patches"
             )
         padding = frames_to_token_mask(frame_mask, self.patch_size, self.n_freq, n_time)
-        keep = random_mask(b, n, self.cfg.mask_ratio, inputs.generator, padding, device=dev)
+        keep = per_clip_masks(  # per clip: a clip's mask does not depend on its batch
+            lambda rows, gen, pad_rows: random_mask(rows, n, self.cfg.mask_ratio, gen, pad_rows),
+            inputs.clip_gens(),
+            1,
+            padding,
+            device=dev,
+        )
         out = model.encoder(fbank, frame_mask, keep)  # visible tokens only: (B, k, D)
         idx = keep_indices(keep)  # the order in which the encoder gathered them
 

@@ -48,6 +48,9 @@ class _Ctx:
     def gather(self, t: torch.Tensor) -> torch.Tensor:
         return t
 
+    def mean_over_processes(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
 
 class FullSequence(torch.nn.Module):
     """An encoder wrapper that ignores `keep`: masked patches are replaced by a learned mask

@@ -30,8 +30,10 @@ and `modalities/{base,images,modules}.py`):
   frame = mean over masked patches of (sum over channels of the squared error) / sqrt(D), and
   the CLS term (multiplied by `cls_loss * sample_size` before that division) is the SUM over
   the B*C clone views of the per-view squared error / sqrt(D). `utterance_reduction="sum"`
-  reproduces that (its weight relative to the frame loss grows with the micro-batch: 192 views
-  per GPU officially); "mean" averages over views instead (batch-size independent).
+  reproduces that for the micro-batch of all processes together (its weight relative to the
+  frame loss grows with the micro-batch: 192 views per GPU officially), so a run gives the same
+  losses and updates on 1 or N processes at the same global batch; "mean" averages over views
+  instead (batch-size independent).
 - Masking: `inverse_mask: true, mask_prob: 0.8, mask_length: 5, mask_prob_adjust: 0.07`
   (`bioaudio.training.masking.inverse_block_mask`), `clone_batch: 16` with `repeat_interleave`
   (views of one clip are adjacent), one teacher pass per clip.
@@ -85,7 +87,7 @@ from torch import Tensor
 
 from bioaudio.errors import ConfigError
 from bioaudio.models.layers import keep_indices
-from bioaudio.training.masking import inverse_block_mask
+from bioaudio.training.masking import inverse_block_mask, per_clip_masks
 from bioaudio.training.objectives import Objective, ObjectiveOutput, PretrainInputs
 from bioaudio.training.optim import ema_update_
 from bioaudio.training.schedules import linear_ramp
@@ -388,18 +390,19 @@ class EATObjective(Objective):
         utt_target = targets.sum(1) / n_valid.clamp(min=1)[:, None]  # mean over valid patches
 
         # Student: C views per clip (view j of clip i at row i * C + j), one mask each.
-        pad_rep = None if pad is None else pad.repeat_interleave(views, 0)
-        keep = inverse_block_mask(
-            b * views,
-            n_time,
-            n_freq,
-            c.mask_ratio,
-            c.block_size,
-            inputs.generator,
-            padding=pad_rep,
-            mask_prob_adjust=c.mask_prob_adjust,
+        # Masks and decoder noise are drawn per clip from its own generator, so a clip gets the
+        # same views whatever it is batched with (and on whichever process).
+        gens = inputs.clip_gens()
+        keep = per_clip_masks(
+            lambda n_rows, gen, rows: inverse_block_mask(
+                n_rows, n_time, n_freq, c.mask_ratio, c.block_size, gen, padding=rows,
+                mask_prob_adjust=c.mask_prob_adjust,
+            ),
+            gens,
+            views,
+            pad,
             device=dev,
-        )
+        )  # fmt: skip
         fb_rep = fbank.repeat_interleave(views, 0)
         fm_rep = None if frame_mask is None else frame_mask.repeat_interleave(views, 0)
         out = encoder(fb_rep, fm_rep, keep)  # tokens (BC, k, D), cls (BC, D)
@@ -408,10 +411,15 @@ class EATObjective(Objective):
         tokens = out.tokens
         grid = (b * views, n_time * n_freq, d)
         if c.mask_noise_std > 0:
-            seed = int(torch.randint(0, 2**62, (1,), generator=inputs.generator))
-            noise_gen = torch.Generator(device=dev).manual_seed(seed)
-            filler = torch.randn(grid, generator=noise_gen, device=dev, dtype=tokens.dtype)
-            filler = filler * c.mask_noise_std
+            noise = []
+            for gen in gens:
+                seed = int(torch.randint(0, 2**62, (1,), generator=gen))
+                noise_gen = torch.Generator(device=dev).manual_seed(seed)
+                shape = (views, *grid[1:])
+                noise.append(
+                    torch.randn(shape, generator=noise_gen, device=dev, dtype=tokens.dtype)
+                )
+            filler = torch.cat(noise) * c.mask_noise_std
         else:
             filler = tokens.new_zeros(grid)
         idx = keep_indices(keep)  # the encoder gathered the visible tokens in this order
@@ -425,16 +433,23 @@ class EATObjective(Objective):
         pred_m = pred[masked].float()  # (M, D)
         y_m = y_rep[masked]
         n_masked = masked.sum()
-        frame = (pred_m - y_m).square().sum() * scale / n_masked.clamp(min=1)
+        # Normalised by the masked patches of the micro-batch on all processes together (their
+        # mean per process), as fairseq divides by the all-reduced sample size: with clips of
+        # different lengths the processes mask different counts, and averaging per-process
+        # means would weigh patches unequally.
+        denom = ctx.mean_over_processes(n_masked.float()).clamp(min=1)
+        frame = (pred_m - y_m).square().sum() * scale / denom
 
         cls = out.cls
         per_view = (cls.float() - utt_target.repeat_interleave(views, 0)).square().sum(-1)
         row_ok = (n_valid > 0).repeat_interleave(views, 0).float()  # empty clips: no target
         per_view = per_view * scale * row_ok
+        utt = per_view.sum() / row_ok.sum().clamp(min=1.0)  # mean over views
         if c.utterance_reduction == "sum":
-            utt = per_view.sum()
-        else:
-            utt = per_view.sum() / row_ok.sum().clamp(min=1.0)
+            # The sum over the views of the micro-batch on all processes together: each process
+            # scales its own mean by the views of every process, and DDP averages gradients,
+            # so 1 and N processes train alike (a per-process sum would halve on 2 processes).
+            utt = utt * (b * views * ctx.world_size)
 
         loss = c.frame_loss_weight * frame + c.utterance_loss_weight * utt
         with torch.no_grad():

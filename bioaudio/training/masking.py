@@ -27,12 +27,21 @@ rows stackable. Rows without any valid token (empty clips) keep padding tokens o
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
 from bioaudio.errors import ConfigError
 
-__all__ = ["inverse_block_mask", "keep_count", "keep_counts", "random_mask"]
+__all__ = [
+    "inverse_block_mask",
+    "keep_count",
+    "keep_counts",
+    "per_clip_masks",
+    "random_mask",
+    "stack_keeps",
+]
 
 
 def _check_ratio(mask_ratio: float) -> None:
@@ -186,3 +195,41 @@ def inverse_block_mask(
     # random valid unmarked ones; padding fillers up to the batch count (module docstring).
     score = torch.rand(batch, n, generator=generator) + 2.0 * marked
     return _select(score, valid, k_rows, device)
+
+
+def per_clip_masks(
+    make: Any,
+    generators: list[torch.Generator],
+    views: int,
+    padding: Tensor | None,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """Masks drawn clip by clip: `make(views, generator, padding_rows)` gives the (views, N) keep
+    mask of one clip from that clip's own generator, so a clip's masks do not depend on the
+    clips it is batched with (a 2-process run draws what a 1-process run draws). The rows are
+    then stacked, shorter ones filled up with hidden padding tokens (module docstring). Returns
+    (B * views, N), view j of clip i at row i * views + j."""
+    keeps = []
+    for i, gen in enumerate(generators):
+        rows = None if padding is None else padding[i : i + 1].expand(views, -1)
+        keeps.append(make(views, gen, rows).cpu())
+    keep = torch.cat(keeps)
+    pad = None if padding is None else padding.detach().cpu().repeat_interleave(views, 0)
+    return stack_keeps(keep, pad).to(device if device is not None else keep.device)
+
+
+def stack_keeps(keep: Tensor, padding: Tensor | None) -> Tensor:
+    """Give every row of `keep` (B, N) the same count: rows with fewer kept tokens keep extra
+    padding tokens (hidden by the encoders, no loss on them), or extra valid ones when a row has
+    no padding left (a rounding corner case)."""
+    counts = keep.sum(1)
+    k = int(counts.max())
+    need = k - counts
+    if not bool((need > 0).any()):
+        return keep
+    pad = torch.zeros_like(keep) if padding is None else padding.to(keep.device, torch.bool)
+    free_pad = pad & ~keep
+    keep = keep | (free_pad & (free_pad.long().cumsum(1) <= need[:, None]))
+    need = k - keep.sum(1)
+    free = ~keep
+    return keep | (free & (free.long().cumsum(1) <= need[:, None]))

@@ -46,6 +46,9 @@ class PretrainInputs:
     index        (B,) dataset indices of the clips
     wav, padding_mask  (B, S) the waveforms and their sample padding mask (True = pad), for
                  terms that featurise differently (a teacher with another frontend)
+    clip_generators  one CPU generator per clip, seeded by (seed, step, the clip's dataset
+                 index): random choices drawn per clip from these do not depend on the batch
+                 composition, so a run split over processes draws what one process draws
     student_utterance  (B, D) the student's utterance embedding of the main view, set by the
                  task from an earlier objective's output (EAT's CLS averaged over its clone
                  views) so a later term (the memory bank) need not run the student again
@@ -61,7 +64,15 @@ class PretrainInputs:
     index: Tensor | None = None
     wav: Tensor | None = None
     padding_mask: Tensor | None = None
+    clip_generators: list[torch.Generator] | None = None
     student_utterance: Tensor | None = None
+
+    def clip_gens(self) -> list[torch.Generator]:
+        """Per-clip generators (derived from `generator` when the task gave none)."""
+        if self.clip_generators is not None:
+            return self.clip_generators
+        seeds = torch.randint(0, 2**62, (self.fbank.shape[0],), generator=self.generator)
+        return [torch.Generator().manual_seed(int(s)) for s in seeds]
 
 
 @dataclass

@@ -35,6 +35,7 @@ from bioaudio.training.config import LoopOptions, TrainConfig
 from bioaudio.training.memory_bank import utterance_embedding
 from bioaudio.training.objectives import Objective, ObjectiveOutput, PretrainInputs
 from bioaudio.training.rundir import frontend_identity
+from bioaudio.training.sampling import seed_of
 from bioaudio.training.task import Task, TaskContext
 
 # Terms that use another term's outputs run last.
@@ -191,9 +192,21 @@ class PretrainTask(Task):
         s = np.random.SeedSequence(key).generate_state(2)
         return torch.Generator().manual_seed(int(s[0]) << 31 | int(s[1]) >> 1)
 
+    def clip_generators(self, index: Tensor, ctx: TaskContext) -> list[torch.Generator]:
+        """One generator per clip, seeded by (seed, step, dataset index): what a clip draws does
+        not depend on which process or micro-batch it is in."""
+        return [
+            torch.Generator().manual_seed(seed_of(self.seed, ctx.step, int(i), 13))
+            for i in index.tolist()
+        ]
+
     def inputs(self, model: nn.Module, batch: dict[str, Any], ctx: TaskContext) -> PretrainInputs:
         """Featurise the batch on its device (no gradient through the frontend)."""
         gen = self._generator(ctx)
+        index = batch.get("index")
+        if index is None:
+            index = torch.arange(batch["wav"].shape[0])
+        gens = self.clip_generators(index, ctx)
         with torch.no_grad():
             fbank, frame_mask = model.featurise(batch["wav"], batch.get("padding_mask"))
             view2 = view2_mask = None
@@ -201,7 +214,14 @@ class PretrainTask(Task):
                 wav2 = batch.get("wav2", batch["wav"])
                 view2, view2_mask = model.featurise(wav2, batch.get("padding_mask"))
                 if self.spec2 is not None:
-                    view2 = spec_augment(view2, self.spec2, view2_mask, generator=gen)[0]
+                    view2 = torch.cat([
+                        spec_augment(
+                            view2[i : i + 1], self.spec2,
+                            None if view2_mask is None else view2_mask[i : i + 1],
+                            generator=g,
+                        )[0]
+                        for i, g in enumerate(gens)
+                    ])  # fmt: skip
         group = batch.get("pair_group")
         return PretrainInputs(
             fbank=fbank,
@@ -214,6 +234,7 @@ class PretrainTask(Task):
             index=batch.get("index"),
             wav=batch["wav"],
             padding_mask=batch.get("padding_mask"),
+            clip_generators=gens,
         )
 
     def training_step(self, model: nn.Module, batch: dict[str, Any], ctx: TaskContext) -> Tensor:

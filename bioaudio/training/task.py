@@ -100,6 +100,15 @@ class TaskContext:
         even out the last evaluation batch."""
         return self._trainer.accelerator.gather_for_metrics(tensors)
 
+    def mean_over_processes(self, value: Tensor) -> Tensor:
+        """The mean of `value` over processes (all-reduce; no gradient flows through it). Use it
+        to normalise a loss by a count taken over the whole global micro-batch."""
+        if self.world_size == 1:
+            return value
+        out = value.detach().clone()
+        torch.distributed.all_reduce(out)
+        return out / self.world_size
+
     def unwrap(self, module: nn.Module) -> nn.Module:
         """The module without DDP / compile / precision wrappers."""
         return self._trainer.accelerator.unwrap_model(module)
