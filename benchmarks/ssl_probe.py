@@ -25,7 +25,6 @@ import json
 import shlex
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -40,10 +39,23 @@ from bioaudio.data.manifest import read_manifest, write_manifest  # noqa: E402
 from bioaudio.inference.probe import clip_embeddings, linear_probe  # noqa: E402
 from bioaudio.models.audio_model import build_model  # noqa: E402
 
-RECIPES = {
-    "eat": ["--objective", "eat:1,memory_bank:0.1"],
-    "beats": ["--objective", "beats:1,memory_bank:0.1"],
-}
+# Each variant: stages of (run name, model type, objective flags, share of the budget). The EAT
+# teacher decay is set for a short run (the official 0.9998 -> 0.99999 is for 400k steps) and 8
+# clone views fit a CPU budget; {run:NAME} is the export of an earlier stage.
+RECIPES: dict[str, list[tuple[str, str, list[str], float]]] = {
+    "eat": [("pretrain_eat", "eat", [
+        "--objective", "eat:1,memory_bank:0.1", "--eat.clone_batch", "8",
+        "--eat.ema_decay", "0.999", "--eat.ema_end_decay", "0.9999"], 1.0)],
+    "beats": [("pretrain_beats", "beats", ["--objective", "beats:1,memory_bank:0.1"], 1.0)],
+    # iteration 2: a tokenizer distilled from the iteration-1 model, then masked-token
+    # prediction against it (the iteration-1 run is the teacher; it has its own budget)
+    "beats_iter2": [
+        ("tokenizer_beats", "beats", ["--objective", "beats_tokenizer:1",
+                                      "--beats_tokenizer.teacher", "{run:pretrain_beats}"], 0.3),
+        ("pretrain_beats_iter2", "beats", ["--objective", "beats:1,memory_bank:0.1",
+                                           "--beats.tokenizer", "{run:tokenizer_beats}"], 0.7),
+    ],
+}  # fmt: skip
 
 
 def bioaudio(*args: object, log: Path | None = None) -> None:
@@ -75,37 +87,44 @@ def prepare(data: Path, out: Path) -> tuple[Path, pd.DataFrame, pd.DataFrame]:
     return pool, esc, digits
 
 
-def pretrain(model_type: str, pool: Path, out: Path, args: argparse.Namespace) -> dict:
-    """Calibrate seconds per step, then pretrain for the budget. Returns the run summary."""
-    common = [
-        pool, "--model", model_type, "--preset", args.preset, "--segment_duration",
-        args.segment, "--batch_size", args.batch_size, "--num_workers", 2, "--seed", args.seed,
-        "--no-progress", *RECIPES[model_type], *shlex.split(args.extra),
-    ]  # fmt: skip
-    run = out / f"pretrain_{model_type}"
-    if (run / "summary.json").is_file():
-        return json.loads((run / "summary.json").read_text())
-    if args.steps:
-        steps, per_step = args.steps, float("nan")
-    else:
-        calib = out / f"calibrate_{model_type}"
-        if not (calib / "summary.json").is_file():
-            bioaudio("pretrain", *common, "--out", calib, "--max_steps", 12, "--save_every", 0,
-                     "--log_every", 1, log=out / f"calibrate_{model_type}.log")  # fmt: skip
-        m = pd.read_csv(calib / "metrics.csv")
-        per_step = float(np.median(np.diff(m["elapsed_s"].to_numpy())[2:]))
-        steps = max(20, int(args.minutes * 60 / per_step))
-    print(f"{model_type}: {per_step:.2f} s/step -> {steps} steps", flush=True)
-    schedule = ["--max_steps", steps, "--warmup_steps", max(1, steps // 20)]
-    if model_type == "eat":
-        schedule += ["--eat.ema_anneal_end_step", steps]
-    t0 = time.time()
-    bioaudio("pretrain", *common, *schedule, "--out", run, "--save_every", max(1, steps // 4),
-             "--lr", args.lr, log=out / f"pretrain_{model_type}.log")  # fmt: skip
-    summary = json.loads((run / "summary.json").read_text())
-    summary["wall_minutes"] = round((time.time() - t0) / 60, 1)
-    summary["seconds_per_step"] = per_step
-    return summary
+def pretrain(variant: str, pool: Path, out: Path, args: argparse.Namespace) -> dict:
+    """Run the stages of a variant within the budget; returns the last stage's summary (with
+    the total wall time and steps of every stage)."""
+    total_steps, total_minutes, summary = 0, 0.0, {}
+    for name, model_type, flags, share in RECIPES[variant]:
+        flags = [str(out / f[5:-1] / "export") if f.startswith("{run:") else f for f in flags]
+        common = [
+            pool, "--model", model_type, "--preset", args.preset, "--segment_duration",
+            args.segment, "--batch_size", args.batch_size, "--num_workers", 2,
+            "--seed", args.seed, "--no-progress", *flags, *shlex.split(args.extra),
+        ]  # fmt: skip
+        run = out / name
+        if (run / "summary.json").is_file():
+            summary = json.loads((run / "summary.json").read_text())
+            total_steps += summary["steps"]
+            total_minutes += summary.get("train_time_s", 0) / 60
+            continue
+        if args.steps:
+            steps, per_step = max(10, int(args.steps * share)), float("nan")
+        else:
+            calib = out / f"calibrate_{name}"
+            if not (calib / "summary.json").is_file():
+                bioaudio("pretrain", *common, "--out", calib, "--max_steps", 12,
+                         "--save_every", 0, "--log_every", 1,
+                         log=out / f"calibrate_{name}.log")  # fmt: skip
+            m = pd.read_csv(calib / "metrics.csv")
+            per_step = float(np.median(np.diff(m["elapsed_s"].to_numpy())[2:]))
+            steps = max(10, int(args.minutes * share * 60 / per_step))
+        print(f"{name}: {per_step:.2f} s/step -> {steps} steps", flush=True)
+        schedule = ["--max_steps", steps, "--warmup_steps", max(1, steps // 20)]
+        if "eat:" in " ".join(flags):
+            schedule += ["--eat.ema_anneal_end_step", steps]
+        bioaudio("pretrain", *common, *schedule, "--out", run, "--save_every",
+                 max(1, steps // 4), "--lr", args.lr, log=out / f"{name}.log")  # fmt: skip
+        summary = json.loads((run / "summary.json").read_text())
+        total_steps += summary["steps"]
+        total_minutes += summary.get("train_time_s", 0) / 60
+    return {**summary, "total_steps": total_steps, "total_minutes": round(total_minutes, 1)}
 
 
 def probe(model: torch.nn.Module, esc: pd.DataFrame, digits: pd.DataFrame) -> dict:
@@ -120,7 +139,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "ssl_probe")
-    parser.add_argument("--models", default="eat", help="comma-separated: eat, beats")
+    parser.add_argument(
+        "--models", default="eat", help="comma-separated: eat, beats, beats_iter2 (after beats)"
+    )
     parser.add_argument("--minutes", type=float, default=30.0, help="pretraining budget")
     parser.add_argument("--preset", default="small")
     parser.add_argument("--segment", type=float, default=2.0, help="pretraining clip seconds")
@@ -140,14 +161,14 @@ def main() -> int:
     torch.set_num_threads(2)
     pool, esc, digits = prepare(args.data, args.out)
     results: dict = {"machine": {"cpu_threads": torch.get_num_threads()}, "models": {}}
-    for model_type in args.models.split(","):
-        summary = pretrain(model_type, pool, args.out, args)
-        run = args.out / f"pretrain_{model_type}"
+    for variant in args.models.split(","):
+        summary = pretrain(variant, pool, args.out, args)
+        run = args.out / RECIPES[variant][-1][0]
+        model_type = RECIPES[variant][-1][1]
         torch.manual_seed(args.seed)  # the pretraining run's own initialisation
         cfg = json.loads((run / "config.json").read_text())["options"]
-        random_init = build_model(
-            model_type, encoder={"preset": cfg["preset"], **cfg["encoder_options"]}
-        )
+        encoder = {"preset": cfg["preset"], **cfg["encoder_options"]}
+        random_init = build_model(model_type, encoder=encoder)
         pretrained = load_model(run / "export")
         res = {"pretrain": summary, "random": probe(random_init, esc, digits)}
         res["pretrained"] = probe(pretrained, esc, digits)
@@ -159,7 +180,7 @@ def main() -> int:
                 "two_std": round(2 * max(a["std"], b["std"]), 4),
                 "learns": bool(margin > 2 * max(a["std"], b["std"])),
             }
-        results["models"][model_type] = res
+        results["models"][variant] = res
         (args.out / "results.json").write_text(json.dumps(results, indent=2, default=str))
     lines = [
         "| encoder | pretraining | ESC-10 (5 folds) | spoken digits (by speaker) |",
@@ -167,7 +188,7 @@ def main() -> int:
     ]
     for model_type, res in results["models"].items():
         p = res["pretrain"]
-        what = f"{p['steps']} steps, {p.get('wall_minutes', '?')} min"
+        what = f"{p['total_steps']} steps, {p['total_minutes']} min"
         for kind in ("random", "pretrained"):
             cells = [
                 f"{100 * res[kind][t]['mean']:.1f} +- {100 * res[kind][t]['std']:.1f} %"
