@@ -34,7 +34,7 @@ from bioaudio.data.stats import apply_stats
 from bioaudio.errors import ConfigError
 from bioaudio.models.checkpoint import load_model
 from bioaudio.models.heads import HeadConfig
-from bioaudio.training.config import LoopOptions
+from bioaudio.training.config import EncoderRunOptions, LoopOptions
 from bioaudio.training.experiment import Experiment, ExperimentOptions, say
 from bioaudio.training.optim import param_groups
 
@@ -43,7 +43,7 @@ MODES = {"CLS_TOKEN": "cls", "MEAN_POOLING": "mean", "LIN_SOFTMAX": "lin_softmax
 
 
 @dataclass
-class FinetuneConfig(LoopOptions, ExperimentOptions):
+class FinetuneConfig(LoopOptions, EncoderRunOptions, ExperimentOptions):
     """Options of `bioaudio finetune`: loop, runs and splits, model and head."""
 
     model_path: Path | None = field(
@@ -140,6 +140,7 @@ def build_experiment(manifest: Path, cfg: FinetuneConfig) -> Experiment:
             model.encoder.add_cls_token()
         if not cfg.linear_probe and cfg.drop_path > 0:
             model.encoder.set_drop_path(cfg.drop_path)
+        cfg.apply_to_encoder(model.encoder)
         head = HeadConfig(
             pooling=MODES[mode],  # type: ignore[arg-type]
             num_classes=len(class_names),

@@ -161,7 +161,10 @@ def attention(
 
 
 def run_layer(layer: Callable[..., torch.Tensor], use_checkpoint: bool, *args: Any) -> torch.Tensor:
-    """Run one transformer layer, through activation checkpointing when asked (training only)."""
+    """Run one transformer layer, through activation checkpointing when asked (training only).
+
+    Non-reentrant checkpointing with the RNG state preserved: the recomputed forward draws the
+    same dropout / drop-path masks, so results equal the plain call."""
     if use_checkpoint and torch.is_grad_enabled():
         return checkpoint(layer, *args, use_reentrant=False)
     return layer(*args)
@@ -176,6 +179,18 @@ class Encoder(nn.Module):
     """
 
     embed_dim: int
+    gradient_checkpointing: bool  # read by the block loop: `run_layer(block, on and training)`
+
+    def set_activation_checkpointing(self, on: bool = True) -> None:
+        """Recompute each block's activations during backward instead of keeping them.
+
+        Peak training memory drops to about one block's activations plus the block inputs, for
+        roughly one more forward pass of time (benchmarks/bench_memory.py). Losses and gradients
+        are unchanged: the recomputation replays the same RNG state, so dropout and drop path
+        draw the same masks. A run-time switch (not saved in exports); no effect without
+        gradients (inference, EMA teachers) or in eval mode.
+        """
+        self.gradient_checkpointing = bool(on)
 
     def forward(
         self,

@@ -3,7 +3,8 @@
 `LoopOptions` are the flags every training command shares with one meaning everywhere (batch,
 optimiser, precision, processes, logging, resume). `TrainConfig` adds what one run needs (its
 directory, length, seed and evaluation schedule); commands that plan several runs (seeds x folds)
-derive those per run and never redefine a loop option.
+derive those per run and never redefine a loop option. `EncoderRunOptions` are the flags of the
+commands that train a transformer encoder (pretrain, finetune).
 """
 
 from __future__ import annotations
@@ -118,6 +119,25 @@ class LoopOptions:
             raise ConfigError(f"--eval_batch_size must be positive, got {self.eval_batch_size}")
         if isinstance(self.resume, str) and self.resume.strip().lower() in ("", "none", "null"):
             self.resume = None
+
+
+@dataclass
+class EncoderRunOptions:
+    """How a transformer encoder runs in training (pretrain, finetune): memory and speed only,
+    never results."""
+
+    activation_checkpointing: bool = field(
+        default=False,
+        metadata={
+            "help": "recompute each transformer block's activations in backward instead of "
+            "keeping them: much less memory for some more time, same losses and gradients"
+        },
+    )
+
+    def apply_to_encoder(self, encoder: Any) -> None:
+        """Switch the options on for `encoder` (a `bioaudio.models.layers.Encoder`)."""
+        if self.activation_checkpointing:
+            encoder.set_activation_checkpointing(True)
 
 
 @dataclass

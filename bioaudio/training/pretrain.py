@@ -31,7 +31,7 @@ from bioaudio.data.pretraining import PretrainDataConfig
 from bioaudio.errors import ConfigError
 from bioaudio.models import registry
 from bioaudio.models.checkpoint import export_classifier
-from bioaudio.training.config import LoopOptions, TrainConfig
+from bioaudio.training.config import EncoderRunOptions, LoopOptions, TrainConfig
 from bioaudio.training.memory_bank import utterance_embedding
 from bioaudio.training.objectives import Objective, ObjectiveOutput, PretrainInputs
 from bioaudio.training.rundir import frontend_identity
@@ -279,7 +279,7 @@ DEFAULT_OBJECTIVES = {"eat": "eat:1,memory_bank:0.1", "beats": "beats:1,memory_b
 
 
 @dataclass
-class PretrainOptions(LoopOptions, PretrainDataConfig):
+class PretrainOptions(LoopOptions, EncoderRunOptions, PretrainDataConfig):
     """Options of `bioaudio pretrain` (the loop's, the data's, the model's, the objectives')."""
 
     out: Path = field(
@@ -363,10 +363,12 @@ def build_pretrain_model(cfg: PretrainOptions) -> nn.Module:
             )
         model.set_head(None)
         model.provenance = {"continued_from": str(cfg.model_path), **model.provenance}
-        return model.train()
-    model_type = cfg.model or "eat"
-    encoder = {"preset": cfg.preset, **cfg.encoder_options}
-    return build_model(model_type, encoder=encoder)
+        model.train()
+    else:
+        encoder = {"preset": cfg.preset, **cfg.encoder_options}
+        model = build_model(cfg.model or "eat", encoder=encoder)
+    cfg.apply_to_encoder(model.encoder)
+    return model
 
 
 def _steps(cfg: PretrainOptions, n_items: int) -> int:
