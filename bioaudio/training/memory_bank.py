@@ -96,7 +96,7 @@ class MemoryBankObjective(Objective):
 
     def __init__(self, model: nn.Module, cfg: MemoryBankConfig | dict | None = None):
         super().__init__(model, cfg)
-        self.cfg: MemoryBankConfig = cfg
+        cfg = self.cfg  # resolved by the base class: None -> defaults, dict -> dataclass
         encoder = model.encoder
         d = int(encoder.embed_dim)
         self.pooling = cfg.pooling
