@@ -11,7 +11,10 @@ each it times, alternately, `repeats` times:
 
 and prints audio seconds per wall second of each (best of the repeats) and detect / bare
 (target >= 0.8: the I/O and bookkeeping around the forward cost at most a fifth).
+
+Figures (`--json`, `bioaudio bench`): detect / bare for each model (target >= 0.8).
 Usage: python benchmarks/bench_detect.py [--minutes 10] [--window 5] [--threads 1]
+       [--quick] (a 2 min recording, 2 repeats) [--json PATH]
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import numpy as np
 import soundfile as sf
 import torch
 
+from bioaudio.benchreport import Report, add_suite_arguments
 from bioaudio.data import audio
 from bioaudio.data.frontend import FrontendConfig
 from bioaudio.inference.detect import DetectConfig, detect_to_folder, recording_windows
@@ -102,14 +106,20 @@ def main() -> None:
     ap.add_argument("--batch_size", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
+    add_suite_arguments(ap)
     args = ap.parse_args()
+    if args.quick:
+        args.minutes, args.repeats = min(args.minutes, 2.0), min(args.repeats, 2)
     torch.set_num_threads(args.threads)
     hop = args.hop or args.window / 2
 
     tmp = Path(tempfile.gettempdir())
     wav = tmp / f"bioaudio_bench_detect_{args.minutes:g}min.wav"
     if not wav.exists():
-        make_recording(wav, args.minutes)
+        # under a temporary name: a killed run must not leave a short file to be reused
+        part = wav.with_name(f".{wav.stem}.tmp.wav")
+        make_recording(part, args.minutes)
+        part.replace(wav)
     seconds = audio.info(wav).duration
     cfg = DetectConfig(
         window=args.window, hop=hop, batch_size=args.batch_size, cpu=True, progress=False
@@ -119,6 +129,11 @@ def main() -> None:
         f" {args.batch_size}, {args.threads} thread(s), best of {args.repeats}"
     )
     print(f"{'model':26s} {'detect (audio s/s)':>19s} {'bare forward':>13s} {'ratio':>7s}")
+    report = Report(
+        "detect",
+        "`detect_to_folder` end to end (seek + read windows, batched forward, events, Raven "
+        "table, CSV) vs the bare model forward + softmax on the same windows pre-loaded",
+    )
     with tempfile.TemporaryDirectory(prefix="bench_detect_") as d:
         root = Path(d)
         for name, path in models(root).items():
@@ -131,6 +146,16 @@ def main() -> None:
                 t_bare.append(bare(model, batches))
             det_rate, bare_rate = seconds / min(t_det), seconds / min(t_bare)
             print(f"{name:26s} {det_rate:19.0f} {bare_rate:13.0f} {det_rate / bare_rate:7.2f}")
+            report.add(
+                f"detect / bare forward throughput, {name}",
+                det_rate / bare_rate,
+                "x",
+                target=0.8,
+                note=f"{det_rate:.0f} vs {bare_rate:.0f} audio s/s; {seconds / 60:.0f} min "
+                f"recording, {args.window:g} s windows, best of {args.repeats}, "
+                f"{args.threads} thread(s)",
+            )
+    report.write(args.json)
 
 
 if __name__ == "__main__":

@@ -8,8 +8,13 @@
 3. A re-colour (building the map figure with another colour column and serialising it, what
    a Streamlit rerun does; the projection comes from the cache) as a fraction of each map's time.
 
+Figures (`--json`, `bioaudio bench`): embed / bare forward throughput for each worker setting
+(target >= 80 %; end to end, model load included); per map size the time to the first map of
+each method, and openTSNE's speed-up over scikit-learn's t-SNE (no targets).
+
 Usage: python benchmarks/bench_explorer.py [--encoder base] [--clips 48] [--sizes 5000,20000]
        [--sklearn_max 20000] (larger maps skip scikit-learn's t-SNE)
+       [--quick] (32 clips, one repeat, one 2,000-point map) [--json PATH]
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import pyarrow.parquet as pq  # noqa: E402
 import soundfile as sf  # noqa: E402
 import torch  # noqa: E402
 
+from bioaudio.benchreport import Report, add_suite_arguments  # noqa: E402
 from bioaudio.data import audio  # noqa: E402
 from bioaudio.explorer import figures, projections  # noqa: E402
 from bioaudio.inference.embed import (  # noqa: E402
@@ -46,7 +52,13 @@ from bioaudio.models.checkpoint import save_export  # noqa: E402
 
 
 def bench_embedding(
-    encoder: str, clips: int, seconds: float, batch: int, workers: int, repeats: int
+    report: Report,
+    encoder: str,
+    clips: int,
+    seconds: float,
+    batch: int,
+    workers: int,
+    repeats: int,
 ) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bioaudio-bench-embed-"))
     rng = np.random.default_rng(0)
@@ -122,6 +134,14 @@ def bench_embedding(
             f"     less the one-time model load ({t_load:.2f} s): {clips / steady:7.2f} clips/s"
             f"  = {bare / steady:5.1%} of bare"
         )
+        report.add(
+            f"{name} / bare forward throughput",
+            100 * bare / t,
+            "%",
+            target=80.0,
+            note=f"EAT {encoder}, {clips} clips of {seconds:g} s, batch {batch}, best of "
+            f"{repeats}; {100 * bare / steady:.0f} % less the {t_load:.1f} s model load",
+        )
 
 
 def clustered(n: int, dim: int = 768, k: int = 12, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -138,7 +158,7 @@ def timed(fn, *a, **kw) -> tuple[float, object]:
     return time.perf_counter() - t0, out
 
 
-def bench_maps(sizes: list[int], sklearn_max: int) -> None:
+def bench_maps(report: Report, sizes: list[int], sklearn_max: int) -> None:
     print(f"\n2./3. first map and re-colour, dim 768, {projections.threads()} thread(s) per fit")
     # what the app's background warm-up does once per server process (numba JIT)
     t_compile, _ = timed(projections.warm_up_umap)
@@ -186,6 +206,15 @@ def bench_maps(sizes: list[int], sklearn_max: int) -> None:
                 f"     {name:20s} first map {t:7.2f} s   re-colour {t_re:5.2f} s ="
                 f" {ratio:6.2%} of the map{extra}"
             )
+            report.add(
+                f"first map, {name}, N={n}",
+                t,
+                "s",
+                higher_is_better=False,
+                note=f"dim 768; re-colour {t_re:.2f} s = {ratio:.1%} of the map",
+            )
+            if "openTSNE" in name and vs:
+                report.add(f"t-SNE openTSNE / scikit-learn speed, N={n}", vs / t, "x")
 
 
 def main() -> None:
@@ -199,14 +228,30 @@ def main() -> None:
     ap.add_argument("--sizes", default="5000,20000")
     ap.add_argument("--sklearn_max", type=int, default=20000)
     ap.add_argument("--skip_embedding", action="store_true")
+    add_suite_arguments(ap)
     args = ap.parse_args()
+    if args.quick:
+        # two batches (one alone would time a cold first batch), one repeat, one small map
+        args.clips, args.repeats, args.sizes = min(args.clips, 32), 1, "2000"
     torch.set_num_threads(os.cpu_count() or 1)
     print(f"machine: {os.cpu_count()} CPU(s), torch {torch.__version__}")
+    report = Report(
+        "explorer",
+        "`bioaudio embed` end to end vs the bare encoder forward on the same decoded clips; "
+        "time to the first explorer map (PCA, UMAP, t-SNE) and to a re-colour",
+    )
     if not args.skip_embedding:
         bench_embedding(
-            args.encoder, args.clips, args.seconds, args.batch_size, args.workers, args.repeats
+            report,
+            args.encoder,
+            args.clips,
+            args.seconds,
+            args.batch_size,
+            args.workers,
+            args.repeats,
         )
-    bench_maps([int(s) for s in args.sizes.split(",")], args.sklearn_max)
+    bench_maps(report, [int(s) for s in args.sizes.split(",")], args.sklearn_max)
+    report.write(args.json)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,12 @@ then where the time goes in each (torch.profiler, self time per op).
 Both run the official settings (BEATs: wav * 2**15, povey; EAT: wav - mean, hanning, htk_compat)
 on the same audio, device and thread count, interleaved so machine drift hits both alike.
 
+Figures (`--json`, `bioaudio bench`): batched / per-clip speed for each setting at the largest
+batch and each thread count (target >= 2x) and the largest |difference| from torchaudio over
+every run (target <= 1e-4).
+
     .venv/bin/python benchmarks/bench_fbank.py                       # ~1 min on 2 CPU cores
+    .venv/bin/python benchmarks/bench_fbank.py --quick --json fbank.json   # ~20 s
     .venv/bin/python benchmarks/bench_fbank.py --batches 8,32,128 --devices cuda
 """
 
@@ -26,7 +31,8 @@ from torchaudio.compliance import kaldi
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bioaudio.data.fbank import KaldiFbankOptions, kaldi_fbank_batch
+from bioaudio.benchreport import Report, add_suite_arguments  # noqa: E402
+from bioaudio.data.fbank import KaldiFbankOptions, kaldi_fbank_batch  # noqa: E402
 
 SR = 16000
 OPTIONS = {"beats": KaldiFbankOptions.beats(), "eat": KaldiFbankOptions.eat()}
@@ -125,7 +131,10 @@ def main(argv: list[str] | None = None) -> None:
         "--devices", default="cpu,cuda" if torch.cuda.is_available() else "cpu", help="devices"
     )
     parser.add_argument("--top", type=int, default=6, help="ops listed per profile")
+    add_suite_arguments(parser)
     args = parser.parse_args(argv)
+    if args.quick:  # one batch size, fewer repeats: ~20 s on 2 CPU cores
+        args.batches, args.iters = args.batches.split(",")[0], min(args.iters, 5)
 
     batches = [int(b) for b in args.batches.split(",") if b.strip()]
     threads = sorted({int(t) for t in args.threads.split(",") if t.strip()})
@@ -140,6 +149,12 @@ def main(argv: list[str] | None = None) -> None:
         f"{'batched ms/clip':>15} {'speedup':>7} {'max |diff|':>10}"
     )
     print("\n" + header + "\n" + "-" * len(header))
+    report = Report(
+        "fbank",
+        "batched exact Kaldi fbank (kaldi_fbank_batch) vs torchaudio.compliance.kaldi.fbank "
+        "called clip by clip, as both official preprocessors do",
+    )
+    max_diff = {kind: 0.0 for kind in OPTIONS}
     for device in devices:
         for n_threads in threads if device.type == "cpu" else [torch.get_num_threads()]:
             torch.set_num_threads(n_threads)
@@ -155,6 +170,16 @@ def main(argv: list[str] | None = None) -> None:
 
                     t_ours, t_ref = time_pair(ours, ref, device, args.iters)
                     diff = (ours()[0] - torch.stack(ref())).abs().max().item()
+                    max_diff[kind] = max(max_diff[kind], diff)
+                    if batch == max(batches):
+                        report.add(
+                            f"batched / per-clip speed, {kind} ({device.type}, {n_threads} thr)",
+                            t_ref / t_ours,
+                            "x",
+                            target=2.0,
+                            note=f"batch {batch} x {args.seconds:g} s clips, median of "
+                            f"{args.iters} interleaved calls",
+                        )
                     print(
                         f"{device.type:<6} {n_threads:>3} {kind:<6} {batch:>5} "
                         f"{t_ref / batch * 1e3:>18.3f} {t_ours / batch * 1e3:>15.3f} "
@@ -164,6 +189,14 @@ def main(argv: list[str] | None = None) -> None:
         "\nspeedup = torchaudio time / batched time per clip (same audio, device, threads, run); "
         "max |diff| over log-mel values (float32 rounding; see tests/test_fbank.py)."
     )
+    for kind, diff in max_diff.items():
+        report.add(
+            f"max |batched - torchaudio|, {kind}",
+            diff,
+            target=1e-4,
+            higher_is_better=False,
+            note=f"log-mel values, every batch / thread count / device above ({SR} Hz audio)",
+        )
 
     # Where the time goes: self time per op of one call at the largest batch, BEATs setting, with
     # the fewest threads (the steadiest measurement on a shared machine).
@@ -182,6 +215,8 @@ def main(argv: list[str] | None = None) -> None:
         print(
             f"\n{name} ({device.type}, {threads[0]} threads, batch {batch}), top ops by self time:\n  {ops}"
         )
+        report.notes.append(f"{name}: top ops by self time ({threads[0]} thread): {ops}")
+    report.write(args.json)
 
 
 if __name__ == "__main__":

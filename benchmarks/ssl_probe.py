@@ -15,7 +15,11 @@ the two), on both tasks.
     python benchmarks/ssl_probe.py --data ../shared/data --out runs/ssl_probe --minutes 30
     python benchmarks/ssl_probe.py ... --models eat,beats --extra "--memory_bank.temperature 0.2"
 
-Writes OUT/results.json and OUT/results.md (the README table) and prints the table.
+Writes OUT/results.json and OUT/results.md (the README table) and prints the table. With
+`--json PATH` (`bioaudio bench`) also the figures: per variant and task the probe accuracy of
+the pretrained and the random encoder, and the gain of pretrained over random (target: more than
+two standard deviations of the fold scores). `--quick` runs a 2-minute budget into
+runs/ssl_probe_quick (a smoke run of the whole path, not a verdict).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bioaudio import load_model  # noqa: E402
+from bioaudio.benchreport import Report, add_suite_arguments  # noqa: E402
 from bioaudio.data.manifest import read_manifest, write_manifest  # noqa: E402
 from bioaudio.inference.probe import clip_embeddings, linear_probe  # noqa: E402
 from bioaudio.models.audio_model import build_model  # noqa: E402
@@ -135,10 +140,44 @@ def probe(model: torch.nn.Module, esc: pd.DataFrame, digits: pd.DataFrame) -> di
     return out
 
 
+TASKS = {"esc10": "ESC-10 (5 folds)", "digits": "spoken digits (by speaker)"}
+
+
+def figures(results: dict, preset: str) -> Report:
+    """The bench-suite figures of `results` (the dict written to OUT/results.json)."""
+    report = Report(
+        "ssl_probe",
+        "linear probes of the frozen pretrained encoder vs the same encoder with random weights "
+        "(ESC-10 by fold, spoken digits by speaker), after a fixed pretraining budget",
+    )
+    for variant, res in results["models"].items():
+        p = res["pretrain"]
+        budget = f"{p.get('total_steps')} steps, {p.get('total_minutes')} min of pretraining"
+        for task, title in TASKS.items():
+            a, b, v = res["pretrained"][task], res["random"][task], res["verdict"][task]
+            for kind, r in (("pretrained", a), ("random weights", b)):
+                report.add(f"{variant} {preset}, {title}: probe accuracy, {kind}",
+                           100 * r["mean"], "%", note=f"+- {100 * r['std']:.1f} % over folds")  # fmt: skip
+            report.add(
+                f"{variant} {preset}, {title}: gain over random",
+                100 * v["gain"],
+                "pp",
+                target=100 * v["two_std"],
+                note=f"target: two standard deviations of the fold scores; {budget}",
+            )
+    return report
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
-    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "ssl_probe")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="run folder (default runs/ssl_probe, with --quick runs/ssl_probe_quick); "
+        "finished stages in it are reused",
+    )
     parser.add_argument(
         "--models", default="eat", help="comma-separated: eat, beats, beats_iter2 (after beats)"
     )
@@ -155,7 +194,12 @@ def main() -> int:
         help="pretraining steps (default: as many as --minutes allow, measured on this machine)",
     )
     parser.add_argument("--extra", default="", help="more `bioaudio pretrain` flags")
+    add_suite_arguments(parser)
     args = parser.parse_args()
+    if args.quick:  # a smoke run of the whole path; its own folder, never mixed with a real one
+        args.minutes = min(args.minutes, 2.0)
+    if args.out is None:
+        args.out = ROOT / "runs" / ("ssl_probe_quick" if args.quick else "ssl_probe")
     if not (args.data / "esc10").is_dir():
         raise SystemExit(f"{args.data} does not hold esc10/, fsdd/, soundscapes/")
     torch.set_num_threads(2)
@@ -203,6 +247,7 @@ def main() -> int:
     print("\n" + table)
     for model_type, res in results["models"].items():
         print(model_type, json.dumps(res["verdict"]))
+    figures(results, args.preset).write(args.json)
     return 0
 
 
