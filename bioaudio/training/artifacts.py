@@ -4,7 +4,6 @@ short Markdown report, and run_summary.csv (mean +- std over seeds and folds).""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -15,16 +14,9 @@ from bioaudio.fileio import save_json_atomic, write_csv_atomic
 from bioaudio.inference.evaluate import TEST_METRICS, metrics_markdown, write_test_outputs
 from bioaudio.inference.metrics import classification_report
 from bioaudio.inference.predict import load_classifier, predict_clips
+from bioaudio.training.rundir import identity_differences, read_json_object
 
 RUN_SUMMARY = "run_summary.csv"
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def write_run_artifacts(
@@ -116,16 +108,14 @@ def finished_runs(exp: Any) -> list[tuple[str, int | None, Any]]:
     """(name, seed, fold) of every run of RUN_ROOT: this command's plans, and the finished runs
     of earlier commands into the same root (other seeds, other folds) of the same model and
     frontend, so run_summary.csv covers them all. Sorted by fold, then seed."""
-    from bioaudio.training.rundir import identity_differences
-
     runs = {p.name: (p.name, p.seed, p.fold) for p in exp.plans}
     for metrics in [*exp.root.glob(f"seed_*/{TEST_METRICS}"), *exp.root.glob(f"fold_*/seed_*/{TEST_METRICS}")]:  # fmt: skip
         d = metrics.parent
         name = d.relative_to(exp.root).as_posix()
-        summary, tm = _read_json(d / "summary.json") or {}, _read_json(metrics) or {}
+        summary, tm = read_json_object(d / "summary.json") or {}, read_json_object(metrics) or {}
         if name in runs or summary.get("status") != "completed" or "seed" not in tm:
             continue
-        old = (_read_json(d / "config.json") or {}).get("identity")
+        old = (read_json_object(d / "config.json") or {}).get("identity")
         if isinstance(old, dict) and identity_differences(old, exp.identity):
             continue  # a run of another model / frontend under the same root: not comparable
         runs[name] = (name, tm.get("seed"), tm.get("fold"))
@@ -150,7 +140,10 @@ def run_summary(exp: Any) -> pd.DataFrame:
     runs = finished_runs(exp)
     for name, seed, fold in runs:
         d = exp.root / name
-        tm, sm = _read_json(d / TEST_METRICS) or {}, _read_json(d / "summary.json") or {}
+        tm, sm = (
+            read_json_object(d / TEST_METRICS) or {},
+            read_json_object(d / "summary.json") or {},
+        )
         best = sm.get("best") or {}
         row: dict[str, Any] = {"run": name, "fold": fold, "seed": seed}
         row.update({f"test_{k}": tm.get(k) for k in metric_keys})

@@ -29,7 +29,6 @@ from its last saved state and ends with the same weights as an uninterrupted run
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import stat
@@ -68,7 +67,12 @@ from bioaudio.training.classification import ClassificationTask
 from bioaudio.training.config import LoopOptions, TrainConfig
 from bioaudio.training.frozen import CachedWindows, EncoderOutputCache, FrozenEncoderClassifier
 from bioaudio.training.loop import Trainer
-from bioaudio.training.rundir import frontend_identity, identity_differences, model_identity
+from bioaudio.training.rundir import (
+    frontend_identity,
+    identity_differences,
+    model_identity,
+    read_json_object,
+)
 
 # ----------------------------------------------------------------------------------------------
 # Options
@@ -229,17 +233,9 @@ def say(*parts: Any) -> None:
         print(*parts, flush=True)
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
 def is_finished(run_dir: Path) -> bool:
     """A run whose training completed and whose test metrics were written."""
-    summary = _read_json(run_dir / "summary.json")
+    summary = read_json_object(run_dir / "summary.json")
     return (
         bool(summary and summary.get("status") == "completed")
         and (run_dir / TEST_METRICS).is_file()
@@ -620,7 +616,7 @@ class Experiment:
     def _check_run_dir(self, plan: RunPlan) -> None:
         """An existing run directory must hold this model and, when finished, this schedule."""
         d = self.root / plan.name
-        saved = _read_json(d / "config.json")
+        saved = read_json_object(d / "config.json")
         old = (saved or {}).get("identity")
         diffs = identity_differences(old, self.identity) if isinstance(old, dict) else []
         if diffs:
@@ -630,7 +626,7 @@ class Experiment:
             )
         if self.cfg.resume is None and ((d / "state").is_dir() or (d / "summary.json").is_file()):
             raise ConfigError(f"{d} already holds a run; use --resume auto or another --out")
-        summary = _read_json(d / "summary.json")
+        summary = read_json_object(d / "summary.json")
         if summary and summary.get("status") == "completed":
             max_steps = self.steps(plan)[0]
             if summary.get("max_steps") != max_steps:
@@ -735,6 +731,17 @@ class Experiment:
         )
 
     # ---- running
+
+    def run_command(self, sanity_overfit: bool = False) -> int:
+        """What a training command does with its experiment: print the classes and the notes,
+        then train every run (`run`), or only check that one batch is learnt (`sanity_overfit`)."""
+        names = ", ".join(self.class_names[:12])
+        names += " ..." if len(self.class_names) > 12 else ""
+        kind = "multi-label" if self.multi_label else "single-label"
+        say(f"{self.name}: {len(self.class_names)} classes ({kind}): {names}")
+        for note in self.notes:
+            say(f"note: {note}")
+        return self.sanity_overfit() if sanity_overfit else self.run()
 
     def run(self) -> int:
         """Train every planned run (skipping finished ones), then write run_summary.csv.

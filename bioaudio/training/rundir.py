@@ -80,6 +80,16 @@ def write_run_config(out_dir: str | Path, config: Any) -> Path:
     return path
 
 
+def read_json_object(path: Path) -> dict[str, Any] | None:
+    """The JSON object of a run file (summary.json, config.json, test_metrics.json); None when
+    it is missing, unreadable or not an object."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def is_complete_state(path: Path) -> bool:
     return (path / "COMPLETE").is_file() and (path / "trainer_state.json").is_file()
 
