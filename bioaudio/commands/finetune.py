@@ -35,7 +35,7 @@ from bioaudio.errors import ConfigError
 from bioaudio.models.checkpoint import load_model
 from bioaudio.models.heads import HeadConfig
 from bioaudio.training.config import EncoderRunOptions, LoopOptions
-from bioaudio.training.experiment import Experiment, ExperimentOptions, say
+from bioaudio.training.experiment import Experiment, ExperimentOptions
 from bioaudio.training.optim import param_groups
 
 MODES = {"CLS_TOKEN": "cls", "MEAN_POOLING": "mean", "LIN_SOFTMAX": "lin_softmax",
@@ -169,13 +169,4 @@ def build_experiment(manifest: Path, cfg: FinetuneConfig) -> Experiment:
 
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(FinetuneConfig, args)
-    experiment = build_experiment(args.manifest, cfg)
-    names = ", ".join(experiment.class_names[:12])
-    names += " ..." if len(experiment.class_names) > 12 else ""
-    kind = "multi-label" if experiment.multi_label else "single-label"
-    say(f"{experiment.name}: {len(experiment.class_names)} classes ({kind}): {names}")
-    for note in experiment.notes:
-        say(f"note: {note}")
-    if cfg.sanity_overfit:
-        return experiment.sanity_overfit()
-    return experiment.run()
+    return build_experiment(args.manifest, cfg).run_command(cfg.sanity_overfit)

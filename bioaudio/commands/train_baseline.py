@@ -29,7 +29,7 @@ from bioaudio.data.stats import resolve_stats
 from bioaudio.errors import ConfigError
 from bioaudio.models.baselines import BaselineClassifier
 from bioaudio.training.config import LoopOptions
-from bioaudio.training.experiment import Experiment, ExperimentOptions, say
+from bioaudio.training.experiment import Experiment, ExperimentOptions
 
 
 @dataclass
@@ -95,13 +95,4 @@ def build_experiment(manifest: Path, cfg: TrainBaselineConfig) -> Experiment:
 
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(TrainBaselineConfig, args)
-    experiment = build_experiment(args.manifest, cfg)
-    names = ", ".join(experiment.class_names[:12])
-    names += " ..." if len(experiment.class_names) > 12 else ""
-    kind = "multi-label" if experiment.multi_label else "single-label"
-    say(f"{cfg.model}: {len(experiment.class_names)} classes ({kind}): {names}")
-    for note in experiment.notes:
-        say(f"note: {note}")
-    if cfg.sanity_overfit:
-        return experiment.sanity_overfit()
-    return experiment.run()
+    return build_experiment(args.manifest, cfg).run_command(cfg.sanity_overfit)
