@@ -127,8 +127,21 @@ def strata_of(df: pd.DataFrame) -> np.ndarray:
     )
 
 
-def _names(df: pd.DataFrame) -> list[str]:
-    return [Path(p).name for p in df["path"]]
+def _name_matches(df: pd.DataFrame, pattern: str, flag: str) -> list[str]:
+    """Per row, what `--flag pattern` captures from its file name (the first capture group, else
+    the whole match); DataError unless it matches every file name."""
+    rx = _compile(pattern, flag)
+    names = [Path(p).name for p in df["path"]]
+    found = [rx.search(n) for n in names]
+    missing = [n for n, m in zip(names, found) if m is None]
+    if len(missing) == len(names):
+        raise DataError(f"--{flag} {pattern!r} matches no file name (e.g. {names[0]!r})")
+    if missing:
+        raise DataError(
+            f"--{flag} {pattern!r} does not match {len(missing)} of {len(names)}"
+            f" file names (e.g. {missing[0]!r})"
+        )
+    return [m.group(1) if m.re.groups else m.group(0) for m in found]
 
 
 def groups_of(
@@ -147,18 +160,7 @@ def groups_of(
         return np.where(empty, "path:" + df["path"].astype(str).to_numpy(), values).astype(object)
     if pattern is None:
         raise ConfigError("a grouped split needs --group_column or --group_pattern")
-    rx = _compile(pattern, "group_pattern")
-    names = _names(df)
-    found = [rx.search(n) for n in names]
-    missing = [n for n, m in zip(names, found) if m is None]
-    if len(missing) == len(names):
-        raise DataError(f"--group_pattern {pattern!r} matches no file name (e.g. {names[0]!r})")
-    if missing:
-        raise DataError(
-            f"--group_pattern {pattern!r} does not match {len(missing)} of {len(names)}"
-            f" file names (e.g. {missing[0]!r})"
-        )
-    return np.array([m.group(1) if m.re.groups else m.group(0) for m in found], dtype=object)
+    return np.array(_name_matches(df, pattern, "group_pattern"), dtype=object)
 
 
 def folds_from_names(df: pd.DataFrame, pattern: str = r"^(\d+)-") -> tuple[np.ndarray, dict]:
@@ -166,18 +168,7 @@ def folds_from_names(df: pd.DataFrame, pattern: str = r"^(\d+)-") -> tuple[np.nd
 
     Returns (fold per row, {number in the file name: fold}).
     """
-    rx = _compile(pattern, "fold_pattern")
-    names = _names(df)
-    found = [rx.search(n) for n in names]
-    missing = [n for n, m in zip(names, found) if m is None]
-    if len(missing) == len(names):
-        raise DataError(f"--fold_pattern {pattern!r} matches no file name (e.g. {names[0]!r})")
-    if missing:
-        raise DataError(
-            f"--fold_pattern {pattern!r} does not match {len(missing)} of {len(names)}"
-            f" file names (e.g. {missing[0]!r})"
-        )
-    raw = [m.group(1) if m.re.groups else m.group(0) for m in found]
+    raw = _name_matches(df, pattern, "fold_pattern")
     try:
         numbers = [int(r) for r in raw]
     except ValueError:
