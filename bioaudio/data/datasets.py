@@ -166,6 +166,28 @@ def _rng(seed: int, epoch: int, index: int, stream: int) -> np.random.Generator:
     return np.random.default_rng([int(seed) & 0xFFFFFFFF, int(epoch), int(index), stream])
 
 
+def class_target(idx: tuple[int, ...], n_classes: int, multi_label: bool) -> torch.Tensor:
+    """An item's target from its class indices: multi-hot (C,) float32 when multi-label, else
+    the class index (IGNORE_INDEX for an unlabelled row)."""
+    if multi_label:
+        t = torch.zeros(n_classes, dtype=torch.float32)
+        t[list(idx)] = 1.0
+        return t
+    return torch.tensor(idx[0] if idx else IGNORE_INDEX, dtype=torch.long)
+
+
+def crop_start(
+    n: int, n_clip: int, train: bool, eval_crop: EvalCrop, seed: int, epoch: int, index: int
+) -> int:
+    """Where a clip of `n_clip` samples (or frames) starts in a segment of `n`: a random place in
+    training (drawn per seed, epoch and item), else the start or the centre (`eval_crop`)."""
+    if n <= n_clip:
+        return 0
+    if train:
+        return int(_rng(seed, epoch, index, 0).integers(0, n - n_clip + 1))
+    return (n - n_clip) // 2 if eval_crop == "center" else 0
+
+
 class _ClipReader:
     """Turns (path, start, end, labels) into an item dict; shared by both datasets."""
 
@@ -195,11 +217,7 @@ class _ClipReader:
         self.wave_augment = wave_augment
 
     def target(self, idx: tuple[int, ...]) -> torch.Tensor:
-        if self.multi_label:
-            t = torch.zeros(len(self.class_names), dtype=torch.float32)
-            t[list(idx)] = 1.0
-            return t
-        return torch.tensor(idx[0] if idx else IGNORE_INDEX, dtype=torch.long)
+        return class_target(idx, len(self.class_names), self.multi_label)
 
     def read(
         self,
@@ -213,12 +231,8 @@ class _ClipReader:
         sr = self.sample_rate
         n_seg = max(1, int(round((end - start) * sr)))
         n_clip = n_seg if self.clip_seconds is None else int(round(self.clip_seconds * sr))
-        offset = 0  # samples into the segment
-        if n_seg > n_clip:
-            if self.train:
-                offset = int(_rng(self.seed, epoch, index, 0).integers(0, n_seg - n_clip + 1))
-            elif self.eval_crop == "center":
-                offset = (n_seg - n_clip) // 2
+        # samples into the segment
+        offset = crop_start(n_seg, n_clip, self.train, self.eval_crop, self.seed, epoch, index)
         n_read = min(n_seg, n_clip)
         t0 = start + offset / sr
         x = load(path, sample_rate=sr, offset=t0, duration=n_read / sr)

@@ -49,13 +49,13 @@ from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from bioaudio.config import to_dict
 from bioaudio.data.datasets import (
-    IGNORE_INDEX,
     AudioDataset,
     EpochState,
     EvalCrop,
     _label_indices,
-    _rng,
     _SharedEpoch,
+    class_target,
+    crop_start,
     resolve_classes,
     segment_windows,
 )
@@ -748,13 +748,8 @@ class FeatureDataset(EpochState, Dataset):
         if not 0 <= i < len(self):
             raise IndexError(f"index {i} out of range for {len(self)} items")
         n = int(self._n[i])
-        a = 0
         m = n if self.clip_frames is None else min(n, self.clip_frames)
-        if n > m:
-            if self.train:
-                a = int(_rng(self.seed, self.epoch, i, 0).integers(0, n - m + 1))
-            elif self.eval_crop == "center":
-                a = (n - m) // 2
+        a = crop_start(n, m, self.train, self.eval_crop, self.seed, self.epoch, i)
         x = torch.from_numpy(self._frames(i, a, m))  # (m, F)
         cfg = self.frontend
         # frame padding as the frontend does it: zero frames before normalisation, valid input
@@ -779,12 +774,5 @@ class FeatureDataset(EpochState, Dataset):
             "start": float(self._start[i] + a / self.frame_rate),
         }
         if self.class_names:
-            item["target"] = self._target(self._labels[i])
+            item["target"] = class_target(self._labels[i], len(self.class_names), self.multi_label)
         return item
-
-    def _target(self, idx: tuple[int, ...]) -> torch.Tensor:
-        if self.multi_label:
-            t = torch.zeros(len(self.class_names), dtype=torch.float32)
-            t[list(idx)] = 1.0
-            return t
-        return torch.tensor(idx[0] if idx else IGNORE_INDEX, dtype=torch.long)
