@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> None:
             diff,
             target=1e-4,
             higher_is_better=False,
-            note=f"log-mel values, every batch / thread count / device above ({SR} Hz audio)",
+            note="log-mel values, over every batch size, thread count and device run",
         )
 
     # Where the time goes: self time per op of one call at the largest batch, BEATs setting, with

@@ -44,6 +44,9 @@ from bioaudio.data.manifest import read_manifest, write_manifest  # noqa: E402
 from bioaudio.inference.probe import clip_embeddings, linear_probe  # noqa: E402
 from bioaudio.models.audio_model import build_model  # noqa: E402
 
+# How `bioaudio bench` treats this script: too long for --quick; skipped without its --data.
+BENCH_SUITE = {"long": "about an hour of pretraining and probes", "needs": ["../shared/data"]}
+
 # Each variant: stages of (run name, model type, objective flags, share of the budget). The EAT
 # teacher decay is set for a short run (the official 0.9998 -> 0.99999 is for 400k steps) and 8
 # clone views fit a CPU budget; {run:NAME} is the export of an earlier stage.

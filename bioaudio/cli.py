@@ -68,6 +68,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "bioaudio.commands.info",
         "provenance, size and results of a run, an experiment or an export",
     ),
+    "bench": (
+        "bioaudio.commands.bench",
+        "run the benchmark suite: speed and memory ratios measured side by side",
+    ),
 }
 
 

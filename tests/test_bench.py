@@ -1,0 +1,311 @@
+"""`bioaudio bench`: runs small fake benchmark scripts (one meets its target, one misses it, one
+crashes, one prints a lot, a long one that needs data) and checks the results file, the tables,
+failures, selection, refusal / merge, Ctrl-C; and that every real script takes the suite flags."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from bioaudio.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+HEAD = """
+import argparse
+from pathlib import Path
+from bioaudio.benchreport import Report, add_suite_arguments
+
+p = argparse.ArgumentParser()
+add_suite_arguments(p)
+args = p.parse_args()
+"""
+
+SCRIPTS = {
+    "bench_good.py": '''"""Meets its target. Second sentence."""'''
+    + HEAD
+    + """
+print("good: measuring", "quick" if args.quick else "full")
+plot = args.json.parent / "good_plot.png"
+plot.write_bytes(b"png")
+r = Report("good", "ours vs theirs", plots=[str(plot)], notes=["a note"])
+r.add("speed ratio", 2.5, "x", target=2.0, note="quick" if args.quick else "full")
+r.add("absolute", 123.0, "clips/s")
+r.write(args.json)
+""",
+    "bench_miss.py": '''"""Misses its target."""'''
+    + HEAD
+    + """
+r = Report("miss", "a vs b")
+r.add("max diff", 0.5, target=1e-4, higher_is_better=False)
+r.write(args.json)
+""",
+    "bench_crash.py": '''"""Crashes."""'''
+    + HEAD
+    + """
+print("about to fail")
+raise ValueError("boom in the benchmark")
+""",
+    "bench_chatty.py": '''"""Prints a lot."""'''
+    + HEAD
+    + """
+import sys
+for i in range(3000):
+    print(f"line {i} " + "x" * 60)
+for i in range(5):
+    sys.stdout.write(f"\\rprogress {i}/5")
+print()
+big = bytearray(80 * 2**20)  # resident memory the suite must see
+big[:: 4096] = b"x" * len(big[:: 4096])
+r = Report("chatty", "lots of output")
+r.add("ratio", 1.0, "x", target=0.5)
+r.write(args.json)
+""",
+    "ssl_probe.py": '''"""Long and needs data."""
+
+BENCH_SUITE = {"long": "an hour", "needs": ["../shared/data"]}
+'''
+    + HEAD
+    + """
+raise SystemExit("must not run in these tests")
+""",
+}
+
+
+@pytest.fixture
+def bench_dir(tmp_path: Path) -> Path:
+    # tmp/checkout/benchmarks: ../shared/data of the checkout (tmp/shared/data) does not exist
+    folder = tmp_path / "checkout" / "benchmarks"
+    folder.mkdir(parents=True)
+    for name, text in SCRIPTS.items():
+        (folder / name).write_text(textwrap.dedent(text))
+    return folder
+
+
+def bench(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(["bench", *argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def entries(out: Path) -> dict[str, dict]:
+    data = json.loads((out / "bench_results.json").read_text())
+    return {e["name"]: e for e in data["benchmarks"]}
+
+
+def test_suite_runs_every_script_and_writes_results(bench_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, stdout, _ = bench(capsys, "--quick", "--benchmarks", str(bench_dir), "--out", str(out))
+    assert code == 1  # one script failed
+
+    data = json.loads((out / "bench_results.json").read_text())
+    m = data["machine"]
+    for key in ("cpu_model", "logical_cores", "torch", "cpu_capability", "device", "gpu"):
+        assert key in m
+    for key in ("host", "platform", "cpu_count", "python", "torchaudio", "git_commit"):
+        assert key in m  # from runinfo.hardware() / software()
+    assert m["logical_cores"] == os.cpu_count() and m["device"] in ("cpu", "cuda")
+    assert data["quick"] is True and data["created"] and "git" in data
+
+    e = entries(out)
+    assert list(e) == ["chatty", "crash", "good", "miss", "ssl_probe"]
+    good, miss, crash, chatty = e["good"], e["miss"], e["crash"], e["chatty"]
+    assert good["status"] == "ok" and miss["status"] == "ok" and chatty["status"] == "ok"
+    assert good["figures"][0]["met"] is True and good["figures"][0]["note"] == "quick"
+    assert good["figures"][1]["met"] is None
+    assert miss["figures"][0]["met"] is False
+    assert good["compares"] == "ours vs theirs" and good["notes"] == ["a note"]
+    assert good["plots"] == ["plots/good/good_plot.png"]
+    assert (out / "plots" / "good" / "good_plot.png").read_bytes() == b"png"
+    # the crash is recorded with its last line; the scripts after it still ran
+    assert crash["status"] == "failed" and crash["exit_code"] == 1
+    assert "ValueError: boom in the benchmark" in crash["error"]
+    assert "about to fail" in (out / crash["log"]).read_text()
+    assert e["ssl_probe"]["status"] == "skipped" and "long" in e["ssl_probe"]["reason"]
+    for run in (good, miss, crash, chatty):
+        assert run["peak_rss_mb"] > 0 and run["seconds"] > 0 and run["created"]
+        assert run["machine"]["cpu_model"] == m["cpu_model"] and run["quick"] is True
+    # each script's own peak: not this (torch-sized) process's, which a fork would inherit
+    assert chatty["peak_rss_mb"] > 80 > good["peak_rss_mb"]
+    log = (out / "logs" / "chatty.txt").read_text().splitlines()
+    assert "line 2999 " + "x" * 60 in log and "progress 4/5" in log
+
+    # console: the scripts' output streamed, then one table with the marks
+    assert "good: measuring quick" in stdout and "line 1500 " in stdout
+    lines = stdout.splitlines()
+    start = max(i for i, ln in enumerate(lines) if ln.startswith("benchmark") and "figure" in ln)
+    table = "\n".join(lines[start:])
+    rows = {ln.split()[0] + " " + ln.split()[1]: ln for ln in table.splitlines() if ln.strip()}
+    assert "yes" in rows["good speed"].split() and "NO" in rows["miss max"].split()
+    assert "2.50x" in rows["good speed"] and ">= 2.00x" in rows["good speed"]
+    assert "(failed)" in rows["crash (failed)"] and "boom" in rows["crash (failed)"]
+    assert "skipped" in rows["ssl_probe (skipped)"]
+    assert "MB" in rows["chatty ok"]  # wall time and peak RSS per benchmark
+
+    md = (out / "bench_results.md").read_text()
+    assert md.startswith("Machine: ") and "--quick" in md.splitlines()[0]
+    assert "| benchmark | figure | value | target | met | note |" in md
+    assert "| good | speed ratio | 2.50x | >= 2.00x | yes | quick |" in md
+    assert "| miss | max diff | 0.5 | <= 0.0001 | NO |  |" in md
+    assert "| crash | (failed) |" in md and "| good | ok |" in md
+    assert "- good: ours vs theirs" in md
+
+
+def test_only_refusal_and_merge(bench_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    common = ["--benchmarks", str(bench_dir), "--out", str(out)]
+    code, _, err = bench(capsys, "--only", "good,nope", *common)
+    assert code == 2 and err.count("\n") == 1
+    assert "unknown benchmark nope" in err and "valid: chatty, crash, good, miss, ssl_probe" in err
+    assert not out.exists()
+
+    assert bench(capsys, "--quick", "--only", "good,crash", *common)[0] == 1
+    first = entries(out)
+    assert list(first) == ["crash", "good"]
+
+    code, _, err = bench(capsys, "--only", "miss", *common)  # no --overwrite: refused
+    assert code == 2 and err.count("\n") == 1 and "--overwrite" in err
+    assert entries(out) == first
+
+    # --only + --overwrite refreshes the named entries and keeps the others as they were
+    code, stdout, _ = bench(capsys, "--only", "good,miss", "--overwrite", *common)
+    assert code == 0
+    merged = entries(out)
+    assert list(merged) == ["crash", "good", "miss"]
+    assert merged["crash"] == first["crash"]
+    assert merged["good"]["quick"] is False and first["good"]["quick"] is True
+    assert merged["good"]["figures"][0]["note"] == "full"
+    assert "kept" in stdout
+    data = json.loads((out / "bench_results.json").read_text())
+    assert data["quick"] is False
+    assert "| crash | (failed) |" in (out / "bench_results.md").read_text()
+
+    # named explicitly, the long one runs, unless what it needs is missing
+    code, stdout, _ = bench(capsys, "--only", "ssl_probe", "--overwrite", *common)
+    assert code == 0
+    probe = entries(out)["ssl_probe"]
+    assert probe["status"] == "skipped" and "shared/data" in probe["reason"]
+    assert "missing" in probe["reason"] and "ssl_probe: skipped" in stdout
+
+    # without --only, --overwrite starts a new file
+    assert bench(capsys, "--quick", "--overwrite", *common)[0] == 1
+    assert entries(out)["good"]["quick"] is True
+
+
+def test_list_and_missing_folder(bench_dir, tmp_path, capsys):
+    code, stdout, _ = bench(capsys, "--list", "--benchmarks", str(bench_dir))
+    assert code == 0
+    lines = dict(ln.split(None, 1) for ln in stdout.strip().splitlines())
+    assert lines["good"] == "Meets its target."
+    assert lines["ssl_probe"].startswith("Long and needs data.") and "long" in lines["ssl_probe"]
+    code, _, err = bench(capsys, "--benchmarks", str(tmp_path / "none"))
+    assert code == 2 and err.count("\n") == 1 and "no benchmarks folder" in err
+
+
+def test_ctrl_c_stops_the_script_and_keeps_what_finished(bench_dir, tmp_path, capsys):
+    marker = tmp_path / "started"
+    (bench_dir / "bench_zz_sleep.py").write_text(
+        '"""Sleeps."""\n' + HEAD + f"import os, time\nPath({str(marker)!r}).write_text("
+        "str(os.getpid()))\nprint('sleeping', flush=True)\ntime.sleep(120)\n"
+    )
+    main_thread = threading.main_thread().ident
+
+    def interrupt() -> None:
+        deadline = time.monotonic() + 60
+        while not marker.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        signal.pthread_kill(main_thread, signal.SIGINT)  # what Ctrl-C does to the suite
+
+    out = tmp_path / "out"
+    threading.Thread(target=interrupt, daemon=True).start()
+    code, stdout, _ = bench(
+        capsys, "--only", "good,zz_sleep", "--benchmarks", str(bench_dir), "--out", str(out)
+    )
+    assert code == 130 and "interrupted" in stdout
+    with pytest.raises(ProcessLookupError):  # the script was stopped and reaped
+        os.kill(int(marker.read_text()), 0)
+    assert list(entries(out)) == ["good"]
+
+
+def test_every_real_script_takes_the_suite_flags():
+    # One process runs every script's --help (argparse exits), sharing the heavy imports.
+    code = textwrap.dedent(
+        """
+        import contextlib, io, json, runpy, sys
+        from pathlib import Path
+        out = {}
+        for path in sorted(Path(sys.argv[1]).glob("*.py")):
+            buf = io.StringIO()
+            sys.argv = [str(path), "--help"]
+            try:
+                with contextlib.redirect_stdout(buf):
+                    runpy.run_path(str(path), run_name="__main__")
+            except SystemExit as e:
+                out[path.name] = [e.code, buf.getvalue()]
+            except Exception as e:  # an import that fails: reported per script
+                out[path.name] = [f"{type(e).__name__}: {e}", buf.getvalue()]
+            else:
+                out[path.name] = ["no exit", buf.getvalue()]
+        print(json.dumps(out))
+        """
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code, str(ROOT / "benchmarks")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    helps = json.loads(r.stdout.strip().splitlines()[-1])
+    assert "bench_fbank.py" in helps and "ssl_probe.py" in helps
+    for name, (exit_code, text) in helps.items():
+        assert exit_code in (0, None), f"{name} --help exited {exit_code}"
+        assert "--quick" in text and "--json" in text, f"{name} lacks --quick / --json"
+
+
+def test_ssl_probe_figures():
+    spec = importlib.util.spec_from_file_location("ssl_probe", ROOT / "benchmarks/ssl_probe.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+
+    def acc(mean, std):
+        return {"mean": mean, "std": std}
+
+    results = {
+        "models": {
+            "eat": {
+                "pretrain": {"total_steps": 120, "total_minutes": 2.0},
+                "random": {"esc10": acc(0.40, 0.02), "digits": acc(0.30, 0.05)},
+                "pretrained": {"esc10": acc(0.55, 0.03), "digits": acc(0.32, 0.04)},
+                "verdict": {
+                    "esc10": {"gain": 0.15, "two_std": 0.06, "learns": True},
+                    "digits": {"gain": 0.02, "two_std": 0.10, "learns": False},
+                },
+            }
+        }
+    }
+    d = mod.figures(results, "small").as_dict()
+    assert d["benchmark"] == "ssl_probe"
+    f = {x["figure"]: x for x in d["figures"]}
+    gain = f["eat small, ESC-10 (5 folds): gain over random"]
+    assert gain["value"] == pytest.approx(15.0) and gain["target"] == pytest.approx(6.0)
+    assert gain["met"] is True and gain["unit"] == "pp" and "120 steps" in gain["note"]
+    assert f["eat small, spoken digits (by speaker): gain over random"]["met"] is False
+    assert f["eat small, ESC-10 (5 folds): probe accuracy, pretrained"]["value"] == pytest.approx(
+        55
+    )
+    assert f["eat small, spoken digits (by speaker): probe accuracy, random weights"]["value"] == (
+        pytest.approx(30.0)
+    )
+    assert len(d["figures"]) == 6
