@@ -19,6 +19,7 @@ keeps the others); OUT/bench_results.md is the same table in markdown, ready for
 from __future__ import annotations
 
 import codecs
+import contextlib
 import datetime
 import json
 import os
@@ -27,7 +28,9 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -195,21 +198,45 @@ with open(sys.argv[1], "w") as f:
 """
 
 
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+@contextlib.contextmanager
+def _signals(handler: Any) -> Iterator[None]:
+    """Set `handler` for Ctrl-C, SIGTERM and SIGHUP while the block runs (main thread only:
+    elsewhere the defaults stay)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {sig: signal.signal(sig, handler) for sig in _STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
+
+
 def _stop(proc: subprocess.Popen) -> None:
     """Stop the script and everything it started (its own process group): SIGINT as Ctrl-C
-    would, then SIGTERM, then SIGKILL."""
-    for sig, wait in ((signal.SIGINT, 10.0), (signal.SIGTERM, 5.0), (signal.SIGKILL, None)):
-        if proc.poll() is not None:
-            return
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(wait)
-            return
-        except subprocess.TimeoutExpired:
-            pass
+    would, then SIGTERM, then SIGKILL. A second Ctrl-C meanwhile does not cut this short (the
+    group is in its own session: nothing else would stop it)."""
+    with _signals(signal.SIG_IGN):
+        for sig, wait in ((signal.SIGINT, 10.0), (signal.SIGTERM, 5.0), (signal.SIGKILL, None)):
+            if proc.poll() is not None:
+                return
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                return
+            try:
+                proc.wait(wait)
+                return
+            except subprocess.TimeoutExpired:
+                pass
 
 
 def run_script(script: Script, out: Path, quick: bool, tmp: Path) -> dict[str, Any]:
@@ -231,38 +258,40 @@ def run_script(script: Script, out: Path, quick: bool, tmp: Path) -> dict[str, A
     }
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     t0 = time.perf_counter()
-    # Its own session (process group): Ctrl-C reaches the suite only, which then stops the
-    # whole group (the script, its DataLoader workers, its subprocesses) in order.
-    proc = subprocess.Popen(
-        [sys.executable, "-I", "-S", "-c", LAUNCHER, str(usage_json), *cmd],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        cwd=script.path.parent.parent,
-        env=env,
-        start_new_session=True,
-    )
     tail = ""
-    try:
-        with runlog.session():
-            runlog.attach(log, replay=False)
-            decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-            while chunk := os.read(proc.stdout.fileno(), 1 << 16):
-                text = decoder.decode(chunk)
+    # SIGTERM / SIGHUP to the suite (a scheduler, a closed terminal) stop the script like Ctrl-C.
+    with _signals(_raise_interrupt):
+        # Its own session (process group): Ctrl-C reaches the suite only, which then stops the
+        # whole group (the script, its DataLoader workers, its subprocesses) in order.
+        proc = subprocess.Popen(
+            [sys.executable, "-I", "-S", "-c", LAUNCHER, str(usage_json), *cmd],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            cwd=script.path.parent.parent,
+            env=env,
+            start_new_session=True,
+        )
+        try:
+            with runlog.session():
+                runlog.attach(log, replay=False)
+                decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+                while chunk := os.read(proc.stdout.fileno(), 1 << 16):
+                    text = decoder.decode(chunk)
+                    sys.stdout.write(text)
+                    sys.stdout.flush()
+                    tail = (tail + text)[-8192:]
+                text = decoder.decode(b"", final=True)
                 sys.stdout.write(text)
-                sys.stdout.flush()
-                tail = (tail + text)[-8192:]
-            text = decoder.decode(b"", final=True)
-            sys.stdout.write(text)
-            tail += text
-            if tail and not tail.endswith("\n"):
-                sys.stdout.write("\n")
-        proc.wait()
-    except BaseException:
-        _stop(proc)
-        raise
-    finally:
-        proc.stdout.close()
+                tail += text
+                if tail and not tail.endswith("\n"):
+                    sys.stdout.write("\n")
+            proc.wait()
+        except BaseException:
+            _stop(proc)
+            raise
+        finally:
+            proc.stdout.close()
     entry["seconds"] = round(time.perf_counter() - t0, 2)
     entry["load_average"].append(round(os.getloadavg()[0], 2))
     try:

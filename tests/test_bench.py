@@ -212,7 +212,8 @@ def test_list_and_missing_folder(bench_dir, tmp_path, capsys):
     assert code == 2 and err.count("\n") == 1 and "no benchmarks folder" in err
 
 
-def test_ctrl_c_stops_the_script_and_keeps_what_finished(bench_dir, tmp_path, capsys):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_stops_the_script_and_keeps_what_finished(sig, bench_dir, tmp_path, capsys):
     marker = tmp_path / "started"
     (bench_dir / "bench_zz_sleep.py").write_text(
         '"""Sleeps."""\n' + HEAD + f"import os, time\nPath({str(marker)!r}).write_text("
@@ -224,7 +225,7 @@ def test_ctrl_c_stops_the_script_and_keeps_what_finished(bench_dir, tmp_path, ca
         deadline = time.monotonic() + 60
         while not marker.exists() and time.monotonic() < deadline:
             time.sleep(0.05)
-        signal.pthread_kill(main_thread, signal.SIGINT)  # what Ctrl-C does to the suite
+        signal.pthread_kill(main_thread, sig)  # Ctrl-C, or a scheduler stopping the suite
 
     out = tmp_path / "out"
     threading.Thread(target=interrupt, daemon=True).start()

@@ -8,10 +8,11 @@ largest, from the operating system) are reported too.
 Writes OUT/bench_results.json (machine, time, git commit, every benchmark's figures) and
 OUT/bench_results.md (the table for the README's Performance section), and OUT/logs/NAME.txt
 (each script's output). A failing benchmark is recorded with its last output line and the others
-still run; the exit code is then 1.
+still run; the exit code is then 1. Ctrl-C stops the running script and writes what finished.
 
-ssl_probe (an hour of pretraining and linear probes on ../shared/data) runs in a full run or
-when named with --only; --quick skips it.
+Long benchmarks (a script's `BENCH_SUITE = {"long": ...}`: ssl_probe, an hour of pretraining and
+linear probes on ../shared/data) run in a full run or when named with --only; --quick skips
+them. A benchmark whose data (`BENCH_SUITE["needs"]`) is missing is skipped with the reason.
 
 Examples:
   bioaudio bench --list
@@ -38,7 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--list", action="store_true", help="list the benchmarks and what each compares"
     )
-    parser.add_argument("--out", type=Path, default=Path("runs/bench"), help="results folder")
+    parser.add_argument(
+        "--out", type=Path, default=Path("runs/bench"), help="results folder (default: runs/bench)"
+    )
     parser.add_argument(
         "--overwrite",
         action="store_true",
