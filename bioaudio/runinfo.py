@@ -54,6 +54,14 @@ def _version(dist: str) -> str | None:
         return None
 
 
+def bioaudio_version() -> str:
+    """The installed bioaudio version; "unknown" in a source tree that is not installed."""
+    try:
+        return _version("bioaudio") or "unknown"
+    except Exception:  # broken package metadata
+        return "unknown"
+
+
 def _git(root: Path, *args: str) -> str | None:
     try:
         r = subprocess.run(

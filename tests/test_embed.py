@@ -24,6 +24,7 @@ from bioaudio.cli import main
 from bioaudio.data import audio
 from bioaudio.data.frontend import FrontendConfig
 from bioaudio.inference import embed as E
+from bioaudio.inference import embeddings as EF
 from bioaudio.models.audio_model import build_model
 from bioaudio.models.baselines import BaselineClassifier
 from bioaudio.models.checkpoint import save_export
@@ -83,7 +84,7 @@ def _expected_windows(seconds: float) -> list[tuple[float, float]]:
 
 
 def _read(path: Path) -> tuple[pd.DataFrame, np.ndarray, dict]:
-    es = E.read_embeddings(path)
+    es = EF.read_embeddings(path)
     return es.rows, es.vectors, es.provenance
 
 
@@ -92,9 +93,9 @@ def test_embed_folder_end_to_end(models, data_dir, tmp_path, capsys):
     assert main(["embed", str(models["eat"]), str(data_dir), "--out", str(out), *ARGS]) == 0
     table = pq.read_table(out)
     assert table.schema.field("embedding").type == pa.list_(pa.float32(), 64)
-    assert [f.name for f in table.schema][:-1] == [n for n, _ in E.METADATA_FIELDS]
+    assert [f.name for f in table.schema][:-1] == [n for n, _ in EF.METADATA_FIELDS]
     rows, X, prov = _read(out)
-    assert prov["format"] == E.EMBEDDINGS_FORMAT and prov["embedding_dim"] == 64
+    assert prov["format"] == EF.EMBEDDINGS_FORMAT and prov["embedding_dim"] == 64
     assert prov["model_type"] == "eat" and prov["pooling"] == "mean" and prov["layer"] is None
     assert prov["frontend"]["kind"] == "eat_fbank" and prov["bioaudio_version"]
     assert prov["model_path"] == str(models["eat"].resolve()) and prov["processes"] == 1
@@ -160,14 +161,14 @@ def test_file_name_dates_and_metadata_columns(models, data_dir, tmp_path):
     ],
 )
 def test_parse_file_time(name, site, when, has_time):
-    ft = E.parse_file_time(name)
+    ft = EF.parse_file_time(name)
     assert ft.site == site and ft.has_time == has_time
     assert ft.start == (None if when is None else dt.datetime.fromisoformat(when))
 
 
 def test_seasons_by_hemisphere():
-    assert [E.season_of(m) for m in (1, 4, 7, 10)] == ["winter", "spring", "summer", "autumn"]
-    assert [E.season_of(m, "south") for m in (1, 4, 7, 10)] == [
+    assert [EF.season_of(m) for m in (1, 4, 7, 10)] == ["winter", "spring", "summer", "autumn"]
+    assert [EF.season_of(m, "south") for m in (1, 4, 7, 10)] == [
         "summer",
         "autumn",
         "winter",
@@ -251,7 +252,7 @@ def test_resume_after_interruption_equals_straight_run(models, data_dir, tmp_pat
     assert not out.exists() and list(E.parts_dir(out).glob("part-*.parquet"))
     result = E.embed_to_parquet(models["eat"], data_dir, out, cfg)
     assert 0 < result.already_done < 4 and result.new_files == 4 - result.already_done
-    a, b = E.read_embeddings(straight), E.read_embeddings(out)
+    a, b = EF.read_embeddings(straight), EF.read_embeddings(out)
     pd.testing.assert_frame_equal(a.rows, b.rows)
     np.testing.assert_allclose(a.vectors, b.vectors, atol=1e-6)
 
@@ -290,7 +291,7 @@ def test_two_processes_equal_one(models, data_dir, tmp_path, _free_port):
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "on 2 process(es)" in res.stdout and res.stdout.count("embedded ") == 1
-    a, b = E.read_embeddings(one), E.read_embeddings(two)
+    a, b = EF.read_embeddings(one), EF.read_embeddings(two)
     assert b.provenance["processes"] == 2
     pd.testing.assert_frame_equal(a.rows, b.rows)
     np.testing.assert_allclose(a.vectors, b.vectors, atol=2e-5, rtol=1e-4)
@@ -345,7 +346,7 @@ def test_overwrite_and_changed_settings(models, data_dir, tmp_path, capsys):
     assert "other settings (pooling)" in err
     cmd = ["embed", str(models["eat"]), str(data_dir), "--out", str(out), *ARGS]
     assert main([*cmd, "--pooling", "cls", "--overwrite"]) == 0
-    assert E.read_provenance(out)["pooling"] == "cls"
+    assert EF.read_provenance(out)["pooling"] == "cls"
     foreign = tmp_path / "f.parquet"
     foreign.write_text("a csv, really")
     assert main([*cmd[:4], str(foreign), *ARGS, "--overwrite"]) == 0

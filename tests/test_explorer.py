@@ -26,6 +26,7 @@ from bioaudio.errors import ConfigError
 from bioaudio.explorer import launch, projections
 from bioaudio.explorer.paths import OutsideRootsError, PathPolicy
 from bioaudio.inference import embed as E
+from bioaudio.inference import embeddings as EF
 from bioaudio.models.audio_model import build_model
 from bioaudio.models.checkpoint import save_export
 
@@ -396,7 +397,7 @@ def test_compute_mode_through_the_seed_entry_point(world, tmp_path, monkeypatch)
     script = ROOT / "beats" / "interactive_vis.py"
     at = AppTest.from_file(str(script), default_timeout=TIMEOUT).run()
     _ok(at)
-    rows = E.read_embeddings(next(cache.rglob("embeddings.parquet"))).rows
+    rows = EF.read_embeddings(next(cache.rglob("embeddings.parquet"))).rows
     assert rows["path"].nunique() == 5 and _points(_figure(at)) == len(rows)
     calls = []
     monkeypatch.setattr(E.Embedder, "__call__", lambda *a: calls.append(1))

@@ -27,8 +27,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-
 from bioaudio.config import add_dataclass_args, config_from_args
 from bioaudio.inference.embed import EmbedConfig, embed_to_parquet
 
@@ -52,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     out = args.out or Path.cwd() / f"embeddings_{source.stem or source.name}.parquet"
     from accelerate import Accelerator
 
-    accelerator = Accelerator(cpu=cfg.cpu or not torch.cuda.is_available())
+    accelerator = Accelerator(cpu=cfg.device().type == "cpu")
     result = embed_to_parquet(args.model, source, out, cfg, accelerator=accelerator)
     if accelerator.is_main_process:
         print(result.summary())

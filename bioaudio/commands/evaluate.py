@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(EvaluateOptions, args)
     from accelerate import Accelerator
 
-    accelerator = Accelerator(cpu=cfg.cpu or not torch.cuda.is_available())
+    accelerator = Accelerator(cpu=cfg.device().type == "cpu")
     try:
         record = evaluate(args.model, args.manifest, cfg, accelerator=accelerator)
     finally:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from bioaudio.errors import ConfigError
 from bioaudio.explorer.data import env_with_numba_cache
-from bioaudio.inference.embed import read_provenance
+from bioaudio.inference.embeddings import read_provenance
 
 APP = Path(__file__).resolve().parents[1] / "explorer" / "app.py"
 

@@ -21,60 +21,10 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import dataclasses
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from bioaudio.config import add_dataclass_args, config_from_args
-from bioaudio.errors import ConfigError, DataError
-from bioaudio.fileio import check_writable
-from bioaudio.inference.infer import infer_file, infer_folder
-from bioaudio.inference.predict import load_classifier
-
-DEFAULT_WINDOW = 5.0
-
-
-@dataclass
-class InferConfig:
-    """Options of `bioaudio infer`."""
-
-    out: Path | None = field(
-        default=None, metadata={"help": "output folder (default: ./predictions_<INPUT name>)"}
-    )
-    window: float | None = field(
-        default=None, metadata={"help": "window seconds (default: the model's training clip)"}
-    )
-    hop: float | None = field(
-        default=None, metadata={"help": "hop between windows in seconds (default: --window)"}
-    )
-    top_k: int = field(default=3, metadata={"help": "classes listed per file"})
-    threshold: float = field(
-        default=0.5, metadata={"help": "multi-label: a class is present above this probability"}
-    )
-    batch_size: int = field(default=16, metadata={"help": "windows per forward pass"})
-    num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes"})
-    plot_seconds: float = field(
-        default=300.0,
-        metadata={"help": "one file: seconds drawn (spectrogram and window probabilities)"},
-    )
-    cpu: bool = field(default=False, metadata={"help": "run on CPU even when a GPU is available"})
-    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
-
-    def validate(self) -> None:
-        for name in ("window", "hop"):
-            v = getattr(self, name)
-            if v is not None and not v > 0:
-                raise ConfigError(f"--{name} must be positive seconds, got {v}")
-        if self.top_k < 1:
-            raise ConfigError(f"--top_k must be >= 1, got {self.top_k}")
-        if not 0.0 < self.threshold < 1.0:
-            raise ConfigError(f"--threshold must be in (0, 1), got {self.threshold}")
-        if self.batch_size < 1 or self.num_workers < 0:
-            raise ConfigError("--batch_size must be >= 1 and --num_workers >= 0")
-        if not self.plot_seconds > 0:
-            raise ConfigError(f"--plot_seconds must be positive, got {self.plot_seconds}")
+from bioaudio.inference.infer import InferConfig, infer
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -87,26 +37,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(InferConfig, args)
-    source = Path(args.input).expanduser()
-    if not source.exists():
-        raise DataError(f"input not found: {source}")
-    out = cfg.out or Path.cwd() / f"predictions_{source.stem or source.name}"
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} exists and is not a folder")
-    check_writable(out)
-    use_cuda = torch.cuda.is_available() and not cfg.cpu
-    device = torch.device("cuda" if use_cuda else "cpu")
-    model = load_classifier(args.model, device=device)
-    names = list(getattr(model, "class_names", []) or [])
-    if not names or not hasattr(model, "frontend_cfg"):
-        raise ConfigError(f"{args.model}: not a classifier (no class names / head)")
-    provenance = getattr(model, "provenance", {}) or {}
-    window = cfg.window or provenance.get("clip_seconds") or DEFAULT_WINDOW
-    cfg = dataclasses.replace(cfg, out=out)
-    if source.is_dir():
-        messages = infer_folder(model, source.resolve(), out, cfg, float(window), device)
-        messages = messages.attrs["messages"]
-    else:
-        messages = infer_file(model, source, out, cfg, float(window), device)["messages"]
-    print("\n".join(messages))
+    print("\n".join(infer(args.model, args.input, cfg)))
     return 0

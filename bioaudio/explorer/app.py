@@ -38,13 +38,9 @@ from bioaudio.explorer.launch import (  # noqa: E402
     build_command,
 )
 from bioaudio.explorer.paths import PathPolicy  # noqa: E402
-from bioaudio.inference.embed import (  # noqa: E402
-    EmbeddingSet,
-    embed_table,
-    input_table,
-    load_embedder,
-    model_fingerprint,
-)
+from bioaudio.inference.embed import embed_table, input_table  # noqa: E402
+from bioaudio.inference.embeddings import EmbeddingSet  # noqa: E402
+from bioaudio.inference.runner import load_embedder, model_fingerprint  # noqa: E402
 
 PAGES = ("Map", "Training curves", "Launch training")
 SPEEDS = {"1x": 1.0, "1/2": 0.5, "1/4": 0.25, "1/10 (ultrasound)": 0.1}

@@ -20,15 +20,9 @@ import pandas as pd
 from bioaudio.data import audio
 from bioaudio.data.manifest import write_manifest
 from bioaudio.errors import AudioDecodeError, ConfigError, DataError
-from bioaudio.inference.embed import (
-    EmbedConfig,
-    EmbeddingSet,
-    Progress,
-    embed_to_parquet,
-    input_table,
-    model_fingerprint,
-    read_embeddings,
-)
+from bioaudio.inference.embed import EmbedConfig, Progress, embed_to_parquet, input_table
+from bioaudio.inference.embeddings import EmbeddingSet, read_embeddings
+from bioaudio.inference.runner import model_fingerprint
 
 UPLOAD_TYPES = ("wav", "flac", "ogg", "mp3", "opus", "aif", "aiff")
 

@@ -51,9 +51,15 @@ from bioaudio.data.labels import RAVEN_BEGIN, RAVEN_END
 from bioaudio.data.manifest import find_audio_files, scan_audio
 from bioaudio.errors import ConfigError, DataError
 from bioaudio.fileio import atomic_path, save_json_atomic, write_csv_atomic
-from bioaudio.inference.embed import Embedder, fresh_audio, iter_file_embeddings
 from bioaudio.inference.metrics import probabilities
 from bioaudio.inference.predict import resolve_export_dir
+from bioaudio.inference.runner import (
+    Embedder,
+    WindowOptions,
+    fresh_audio,
+    iter_file_embeddings,
+    window_option,
+)
 from bioaudio.models.checkpoint import load_model
 
 MIN_AUDIO_SECONDS = 0.5  # less audio than this in a window is too little to score
@@ -78,16 +84,11 @@ SETTING_KEYS += ("min_duration",)
 
 
 @dataclass
-class DetectConfig:
+class DetectConfig(WindowOptions):
     """Options of `bioaudio detect` (and of `detect_to_folder`)."""
 
-    window: float | None = field(
-        default=None,
-        metadata={"help": "window seconds (default: the model's training clip, else 5)"},
-    )
-    hop: float | None = field(
-        default=None, metadata={"help": "hop between windows in seconds (default: window / 2)"}
-    )
+    window: float | None = window_option("window")
+    hop: float | None = window_option("hop", "hop between windows in seconds (default: window / 2)")
     threshold: float = field(
         default=0.5,
         metadata={"help": "a window is positive for a class when its probability >= this"},
@@ -109,26 +110,18 @@ class DetectConfig:
     save_windows: bool = field(
         default=False, metadata={"help": "also write <name>.windows.csv (probability per window)"}
     )
-    batch_size: int = field(default=16, metadata={"help": "windows per forward pass"})
-    num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes"})
+    batch_size: int = window_option("batch_size")
+    num_workers: int = window_option("num_workers")
     overwrite: bool = field(
         default=False,
         metadata={"help": "redo finished recordings and replace files detect did not write"},
     )
-    cpu: bool = field(default=False, metadata={"help": "run on CPU even when a GPU is available"})
-    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
-    status_every: float = field(
-        default=30.0,
-        metadata={"help": "seconds between status lines when the output is not a terminal"},
-    )
+    cpu: bool = window_option("cpu")
+    progress: bool = window_option("progress")
+    status_every: float = window_option("status_every")
 
     def validate(self) -> None:
-        for name in ("window", "hop"):
-            v = getattr(self, name)
-            if v is not None and not v > 0:
-                raise ConfigError(f"--{name} must be positive seconds, got {v}")
-        if not self.status_every >= 0:
-            raise ConfigError(f"--status_every must be >= 0 seconds, got {self.status_every}")
+        super().validate()
         if self.window is not None and self.hop is not None and self.hop > self.window + EPS:
             raise ConfigError(
                 f"--hop {self.hop:g} is longer than --window {self.window:g}: audio between "
@@ -139,8 +132,6 @@ class DetectConfig:
         for name in ("merge_gap", "min_duration"):
             if not getattr(self, name) >= 0:
                 raise ConfigError(f"--{name} must be >= 0 seconds, got {getattr(self, name)}")
-        if self.batch_size < 1 or self.num_workers < 0:
-            raise ConfigError("--batch_size must be >= 1 and --num_workers >= 0")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -627,8 +618,7 @@ def detect_to_folder(
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} exists and is not a folder")
     recs, skipped = collect_recordings(inputs)  # before the (slow) model load
-    device = torch.device("cuda" if torch.cuda.is_available() and not cfg.cpu else "cpu")
-    scorer = load_scorer(model, device)
+    scorer = load_scorer(model, cfg.device())
     window = float(cfg.window or scorer.default_window())
     hop = float(cfg.hop or window / 2)
     if hop > window + EPS:

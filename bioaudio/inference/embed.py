@@ -1,26 +1,8 @@
 """Embeddings of every window of a folder, a manifest or one recording, written to Parquet.
 
-One row per window (`--window` seconds every `--hop` seconds, read by seeking). Columns:
-
-    path          str        the audio file (absolute)
-    recording     str        the file relative to the scanned folder (manifest `recording`)
-    start, end    float64    the window in seconds of the file (end < start + window at the end)
-    window_index  int32      position of the window in its segment
-    labels        str|null   comma-separated labels from a labelled input; null when unknown
-    duration      float64    the whole file's duration (s)
-    sample_rate   int32      the file's native rate (Hz)
-    channels      int16      the file's channel count
-    site          str|null   the file-name prefix before a date (SITE_20240501_053000.wav)
-    datetime      timestamp  when the window starts: the file name's date-time + start
-                             (midnight for a date-only name); null without a date in the name
-    date          date32     its date
-    month         int8       1..12
-    hour          int8|null  hour of day (null for a date-only name)
-    season        str|null   meteorological season (northern hemisphere unless --hemisphere)
-    embedding     fixed_size_list<float32>[D]
-
-The Parquet key-value metadata `bioaudio` holds the provenance as JSON (model path, type and
-fingerprint, layer, pooling, frontend, window, hop, embedding dim, bioaudio version).
+One row per window (`--window` seconds every `--hop` seconds, read by seeking by the window
+runner, `bioaudio.inference.runner`); the columns and the provenance in the file's metadata are
+those of `bioaudio.inference.embeddings`.
 
 Resuming: rows are written in parts (whole files only) into a hidden folder beside the output
 and merged into it at the end, so a re-run (after a kill, or on a folder with new files) embeds
@@ -32,15 +14,11 @@ its share of the files into its own parts and process 0 merges. Unreadable files
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
-import os
-import re
 import shutil
 import time
 import uuid
-import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -50,13 +28,10 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import torch
-from torch.utils.data import DataLoader, Dataset
 
 from bioaudio import runinfo, runlog
-from bioaudio.config import to_dict
 from bioaudio.data.audio import is_audio_path
-from bioaudio.data.datasets import AudioDataset, collate_batch, segment_windows
+from bioaudio.data.datasets import segment_windows
 from bioaudio.data.manifest import (
     COLUMNS,
     LabelLayout,
@@ -65,50 +40,38 @@ from bioaudio.data.manifest import (
     read_manifest,
     scan_audio,
 )
-from bioaudio.errors import AudioDecodeError, CheckpointError, ConfigError, DataError
+from bioaudio.errors import ConfigError, DataError
 from bioaudio.fileio import atomic_path, write_csv_atomic
-from bioaudio.models.baselines import BaselineClassifier
-from bioaudio.models.checkpoint import is_export_dir, load_model
+from bioaudio.inference.embeddings import (
+    EMBEDDINGS_FORMAT,
+    EMBEDDINGS_VERSION,
+    read_provenance,
+    schema,
+    time_columns,
+    to_arrow,
+)
+from bioaudio.inference.runner import (
+    Embedder,
+    FileEmbeddings,
+    WindowOptions,
+    fresh_audio,
+    iter_file_embeddings,
+    load_embedder,
+    window_option,
+)
 
-EMBEDDINGS_FORMAT = "bioaudio.embeddings"
-EMBEDDINGS_VERSION = 1
-META_KEY = b"bioaudio"
-DEFAULT_WINDOW = 5.0
 MIN_WINDOW_SECONDS = 0.2  # one 16-frame patch of a 10 ms fbank, with margin
 PART_ROWS, PART_SECONDS = 4096, 60.0  # a part is written after this many rows or seconds
 SKIPPED_COLUMNS = ["path", "reason", "embeddings"]
 Progress = Callable[[float, str], None]
 
-METADATA_FIELDS: list[tuple[str, pa.DataType]] = [
-    ("path", pa.string()),
-    ("recording", pa.string()),
-    ("start", pa.float64()),
-    ("end", pa.float64()),
-    ("window_index", pa.int32()),
-    ("labels", pa.string()),
-    ("duration", pa.float64()),
-    ("sample_rate", pa.int32()),
-    ("channels", pa.int16()),
-    ("site", pa.string()),
-    ("datetime", pa.timestamp("ms")),
-    ("date", pa.date32()),
-    ("month", pa.int8()),
-    ("hour", pa.int8()),
-    ("season", pa.string()),
-]
-
 
 @dataclass
-class EmbedConfig:
+class EmbedConfig(WindowOptions):
     """Options of `bioaudio embed` (and of `embed_to_parquet`)."""
 
-    window: float | None = field(
-        default=None,
-        metadata={"help": "window seconds (default: the model's training clip, else 5)"},
-    )
-    hop: float | None = field(
-        default=None, metadata={"help": "hop between windows in seconds (default: --window)"}
-    )
+    window: float | None = window_option("window")
+    hop: float | None = window_option("hop")
     pooling: Literal["mean", "cls", "max"] = field(
         default="mean",
         metadata={"help": "token pooling: mean, cls (encoders with a CLS token only), max"},
@@ -123,256 +86,20 @@ class EmbedConfig:
     hemisphere: Literal["north", "south"] = field(
         default="north", metadata={"help": "hemisphere of the recordings, for the season column"}
     )
-    batch_size: int = field(default=16, metadata={"help": "windows per forward pass"})
-    num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes"})
+    batch_size: int = window_option("batch_size")
+    num_workers: int = window_option("num_workers")
     overwrite: bool = field(
         default=False,
         metadata={"help": "replace the output even when it holds other embeddings or another file"},
     )
-    cpu: bool = field(default=False, metadata={"help": "run on CPU even when a GPU is available"})
-    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
-    status_every: float = field(
-        default=30.0,
-        metadata={"help": "seconds between status lines when the output is not a terminal"},
-    )
+    cpu: bool = window_option("cpu")
+    progress: bool = window_option("progress")
+    status_every: float = window_option("status_every")
 
     def validate(self) -> None:
-        for name in ("window", "hop"):
-            v = getattr(self, name)
-            if v is not None and not v > 0:
-                raise ConfigError(f"--{name} must be positive seconds, got {v}")
-        if not self.status_every >= 0:
-            raise ConfigError(f"--status_every must be >= 0 seconds, got {self.status_every}")
+        super().validate()
         if self.window is not None and self.window < MIN_WINDOW_SECONDS:
             raise ConfigError(f"--window must be at least {MIN_WINDOW_SECONDS} s")
-        if self.batch_size < 1 or self.num_workers < 0:
-            raise ConfigError("--batch_size must be >= 1 and --num_workers >= 0")
-
-
-# ----------------------------------------------------------------------------------------------
-# Time and place from file names
-
-_DATE_TIME = re.compile(
-    r"(?<!\d)(?P<y>(?:19|20)\d{2})(?P<s1>[-_.]?)(?P<m>0[1-9]|1[0-2])(?P=s1)"
-    r"(?P<d>0[1-9]|[12]\d|3[01])"
-    r"(?:[T_\- ]?(?P<H>[01]\d|2[0-3])(?P<s2>[-_:.h]?)(?P<M>[0-5]\d)(?:(?P=s2)(?P<S>[0-5]\d))?)?"
-    r"(?!\d)"
-)
-
-
-@dataclass(frozen=True)
-class FileTime:
-    """What a recorder file name says: site (text before the date), start time, and whether
-    the name had a time of day or only a date."""
-
-    site: str | None
-    start: dt.datetime | None
-    has_time: bool
-
-
-def parse_file_time(name: str | Path) -> FileTime:
-    """`SITE_20240501_053000.wav` -> (SITE, 2024-05-01 05:30:00); `20240501.wav` -> date only.
-
-    Dates are YYYYMMDD or YYYY-MM-DD, optionally followed by HHMMSS, HHMM, HH-MM-SS or HH:MM
-    (AudioMoth, Song Meter and most recorders); invalid dates (20240231) are not dates.
-    """
-    stem = Path(str(name)).stem
-    for m in _DATE_TIME.finditer(stem):
-        try:
-            day = dt.date(int(m["y"]), int(m["m"]), int(m["d"]))
-        except ValueError:
-            continue
-        has_time = m["H"] is not None
-        t = dt.time(int(m["H"]), int(m["M"]), int(m["S"] or 0)) if has_time else dt.time()
-        site = stem[: m.start()].rstrip("_-. ") or None
-        return FileTime(site, dt.datetime.combine(day, t), has_time)
-    return FileTime(None, None, False)
-
-
-_SEASONS_NORTH = {12: "winter", 1: "winter", 2: "winter", 3: "spring", 4: "spring", 5: "spring"}
-_SEASONS_NORTH.update({6: "summer", 7: "summer", 8: "summer", 9: "autumn", 10: "autumn"})
-_SEASONS_NORTH[11] = "autumn"
-_OPPOSITE = {"winter": "summer", "summer": "winter", "spring": "autumn", "autumn": "spring"}
-
-
-def season_of(month: int, hemisphere: str = "north") -> str:
-    """Meteorological season of a month (Dec-Feb winter in the north, summer in the south)."""
-    s = _SEASONS_NORTH[int(month)]
-    return s if hemisphere == "north" else _OPPOSITE[s]
-
-
-def time_columns(windows: pd.DataFrame, hemisphere: str = "north") -> pd.DataFrame:
-    """site, datetime, date, month, hour, season of every window (path, start) of a table."""
-    parsed = {p: parse_file_time(p) for p in windows["path"].unique()}
-    base = pd.to_datetime(pd.Series([parsed[p].start for p in windows["path"]], dtype=object))
-    has_time = np.array([parsed[p].has_time for p in windows["path"]], dtype=bool)
-    offset = pd.to_timedelta(np.where(has_time, windows["start"].to_numpy(float), 0.0), unit="s")
-    when = (base + offset).dt.round("ms")
-    month = when.dt.month.astype("Int8")
-    hour = when.dt.hour.astype("Int8").where(has_time, pd.NA)
-    season = [season_of(m, hemisphere) if not pd.isna(m) else None for m in month]
-    return pd.DataFrame(
-        {
-            "site": [parsed[p].site for p in windows["path"]],
-            "datetime": when,
-            "date": [d.date() if not pd.isna(d) else None for d in when],
-            "month": month,
-            "hour": hour,
-            "season": season,
-        },
-        index=windows.index,
-    )
-
-
-# ----------------------------------------------------------------------------------------------
-# Models
-
-
-def _resolve_model_path(path: str | Path) -> Path:
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise CheckpointError(f"model not found: {p}")
-    if p.is_dir() and not is_export_dir(p):
-        for name in ("best", "export"):  # a run directory
-            if is_export_dir(p / name):
-                return p / name
-    return p
-
-
-def model_fingerprint(path: Path) -> str:
-    """Content hash of a model file or folder (size plus the first and last MiB of each file):
-    a retrained or replaced model never silently extends embeddings of the old one. An export's
-    config.json is hashed without its provenance (a re-export of the same weights and settings,
-    e.g. by a resumed finished run, is the same model)."""
-    h = hashlib.sha256()
-    files = sorted(q for q in path.rglob("*") if q.is_file()) if path.is_dir() else [path]
-    for q in files:
-        if q.name == "config.json" and path.is_dir():
-            try:
-                cfg = json.loads(q.read_text())
-            except (OSError, ValueError):
-                cfg = None
-            if isinstance(cfg, dict) and cfg.get("format") == "bioaudio.export":
-                cfg.pop("provenance", None)
-                h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
-                continue
-        size = q.stat().st_size
-        h.update(f"{q.relative_to(path) if path.is_dir() else q.name}:{size}".encode())
-        with open(q, "rb") as f:
-            h.update(f.read(1 << 20))
-            if size > 2 << 20:
-                f.seek(-(1 << 20), os.SEEK_END)
-                h.update(f.read())
-    return h.hexdigest()[:16]
-
-
-def _n_layers(model: Any) -> int | None:
-    cfg = getattr(model.encoder, "cfg", None)
-    for name in ("depth", "encoder_layers"):
-        if isinstance(getattr(cfg, name, None), int):
-            return int(getattr(cfg, name))
-    return None
-
-
-class Embedder:
-    """A loaded model (transformer or CNN baseline) and how its clip embeddings are taken."""
-
-    def __init__(self, model: torch.nn.Module, source: Path, pooling: str, layer: int | None):
-        self.model = model.eval()
-        self.source = source
-        self.baseline = isinstance(model, BaselineClassifier)
-        if self.baseline:
-            if pooling == "cls" or pooling == "max":
-                raise ConfigError(
-                    f"--pooling {pooling}: {source} is a CNN baseline without tokens or CLS; its"
-                    " embedding is the penultimate activation (use --pooling mean)"
-                )
-            if layer is not None:
-                raise ConfigError(
-                    f"--layer: {source} is a CNN baseline, not a transformer; its embedding is"
-                    " the penultimate activation"
-                )
-        else:
-            if pooling == "cls" and not model.has_cls:
-                raise ConfigError(
-                    f"--pooling cls: {source} ({model.model_type}) has no CLS token (official "
-                    "BEATs weights have none); use --pooling mean"
-                )
-            n = _n_layers(model)
-            if layer is not None and n is not None and not -n <= layer < n:
-                raise ConfigError(
-                    f"--layer {layer}: the encoder has {n} blocks (0..{n - 1}, or -1..-{n})"
-                )
-        self.pooling = "penultimate" if self.baseline else pooling
-        self.layer = layer
-        self.fingerprint = model_fingerprint(source)
-
-    @property
-    def dim(self) -> int:
-        return int(self.model.embed_dim)
-
-    @property
-    def sample_rate(self) -> int:
-        return int(self.model.frontend_cfg.sample_rate)
-
-    @property
-    def model_type(self) -> str:
-        if self.baseline:
-            return f"baseline:{self.model.baseline.config.get('name')}"
-        return str(self.model.model_type)
-
-    @property
-    def device(self) -> torch.device:
-        p = next(self.model.parameters(), None)
-        return p.device if p is not None else torch.device("cpu")
-
-    def default_window(self) -> float:
-        clip = (getattr(self.model, "provenance", None) or {}).get("clip_seconds")
-        return float(clip) if clip else DEFAULT_WINDOW
-
-    def check_window(self, window: float) -> None:
-        max_frames = getattr(getattr(self.model, "encoder", None), "max_frames", None)
-        if max_frames:
-            longest = max_frames / self.model.frontend_cfg.frame_rate
-            if window > longest + 1e-6:
-                raise ConfigError(
-                    f"--window {window:g} s is longer than this model's longest input "
-                    f"({longest:.2f} s); use a shorter window"
-                )
-
-    @torch.inference_mode()
-    def __call__(self, wav: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """wav (B, S) -> embeddings (B, D) float32."""
-        if self.baseline:
-            return self.model.embed(wav, padding_mask).float()
-        return self.model.embed(wav, padding_mask, pooling=self.pooling, layer=self.layer).float()
-
-    def provenance(self, window: float, hop: float, hemisphere: str) -> dict[str, Any]:
-        """Everything the embeddings depend on (resuming checks it matches)."""
-        return {
-            "model_path": str(self.source.resolve()),
-            "model_type": self.model_type,
-            "model_fingerprint": self.fingerprint,
-            "layer": self.layer,
-            "pooling": self.pooling,
-            "frontend": to_dict(self.model.frontend_cfg),
-            "embedding_dim": self.dim,
-            "window": float(window),
-            "hop": float(hop),
-            "hemisphere": hemisphere,
-        }
-
-
-def load_embedder(
-    path: str | Path,
-    pooling: str = "mean",
-    layer: int | None = None,
-    device: str | torch.device | None = None,
-) -> Embedder:
-    """Any model `load_model` reads (an export, a run directory, official BEATs / EAT files,
-    CNN baselines), ready to embed."""
-    p = _resolve_model_path(path)
-    return Embedder(load_model(p, device=device), p, pooling, layer)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -437,107 +164,6 @@ def window_table(
     return pd.concat([out, time_columns(out, hemisphere)], axis=1)
 
 
-# ----------------------------------------------------------------------------------------------
-# Embedding windows
-
-
-class _Windows(Dataset):
-    """Windows read by seeking; an unreadable one becomes {"index", "error"} instead of raising."""
-
-    def __init__(self, windows: pd.DataFrame, sample_rate: int):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            self.ds = AudioDataset(
-                windows[["path", "start", "end"]].assign(labels=""),
-                class_names=[],
-                sample_rate=sample_rate,
-                clip_seconds=None,  # each item is exactly its window: no padding when alone
-                min_seconds=0.0,
-            )
-
-    def __len__(self) -> int:
-        return len(self.ds)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        try:
-            return self.ds[i]
-        except AudioDecodeError as e:
-            return {"index": int(i), "error": e.reason or str(e)}
-
-
-def _collate(items: list[dict[str, Any]]) -> tuple[dict[str, Any] | None, list[tuple[int, str]]]:
-    good = [it for it in items if "error" not in it]
-    errors = [(it["index"], it["error"]) for it in items if "error" in it]
-    return (collate_batch(good) if good else None), errors
-
-
-@dataclass
-class FileEmbeddings:
-    """All windows of one file: its rows and embeddings (N, D), or the reason it failed."""
-
-    path: str
-    rows: pd.DataFrame
-    embeddings: np.ndarray | None
-    error: str | None = None
-
-
-def fresh_audio(windows: pd.DataFrame) -> np.ndarray:
-    """Seconds of audio each window adds to the windows before it in its file (overlapping
-    hops count once): the audio-hours of a progress rate."""
-    prev_end = windows.groupby("path", sort=False)["end"].shift(1).fillna(-np.inf).to_numpy()
-    return np.clip(windows["end"].to_numpy() - np.maximum(windows["start"], prev_end), 0, None)
-
-
-def iter_file_embeddings(
-    embedder: Embedder,
-    windows: pd.DataFrame,
-    batch_size: int = 16,
-    num_workers: int = 0,
-    on_audio: Callable[[float], None] | None = None,
-) -> Iterator[FileEmbeddings]:
-    """Embed `windows` (sorted by file) in padded batches; yield each file once all its windows
-    are done. `on_audio(seconds)` reports the new audio each batch covered (progress)."""
-    windows = windows.reset_index(drop=True)
-    if windows.empty:
-        return
-    paths = windows["path"].to_numpy()
-    fresh = fresh_audio(windows)
-    starts = np.flatnonzero(np.r_[True, paths[1:] != paths[:-1]])
-    bounds = list(zip(starts, np.r_[starts[1:], len(paths)]))
-    emb = np.zeros((len(windows), embedder.dim), np.float32)
-    errors: dict[int, str] = {}
-    done = np.zeros(len(windows), bool)
-    loader = DataLoader(
-        _Windows(windows, embedder.sample_rate),
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=num_workers,
-        collate_fn=_collate,
-    )
-    dev = embedder.device
-    next_file = 0
-    for batch, bad in loader:
-        for i, reason in bad:
-            errors[i] = reason
-            done[i] = True
-        if batch is not None:
-            idx = batch["index"].numpy()
-            out = embedder(batch["wav"].to(dev), batch["padding_mask"].to(dev))
-            emb[idx] = out.cpu().numpy()
-            done[idx] = True
-            if on_audio is not None:
-                on_audio(float(fresh[idx].sum()))
-        while next_file < len(bounds) and done[bounds[next_file][1] - 1]:
-            a, b = bounds[next_file]
-            failed = [errors[i] for i in range(a, b) if i in errors]
-            rows = windows.iloc[a:b]
-            if failed:
-                yield FileEmbeddings(str(paths[a]), rows, None, failed[0])
-            else:
-                yield FileEmbeddings(str(paths[a]), rows, emb[a:b].copy())
-            next_file += 1
-
-
 def embed_table(
     embedder: Embedder,
     table: pd.DataFrame,
@@ -560,80 +186,6 @@ def embed_table(
         return windows.iloc[:0], np.zeros((0, embedder.dim), np.float32), pd.DataFrame(skipped)
     out = pd.concat(rows, ignore_index=True)
     return out, np.concatenate(embs), pd.DataFrame(skipped, columns=["path", "reason"])
-
-
-# ----------------------------------------------------------------------------------------------
-# Parquet
-
-
-def schema(dim: int, provenance: dict[str, Any] | None = None) -> pa.Schema:
-    """The embeddings table schema (see module doc), with the provenance as metadata."""
-    fields = [pa.field(n, t) for n, t in METADATA_FIELDS]
-    fields.append(pa.field("embedding", pa.list_(pa.float32(), dim)))
-    meta = None
-    if provenance is not None:
-        meta = {META_KEY: json.dumps(provenance, default=str).encode()}
-    return pa.schema(fields, metadata=meta)
-
-
-def to_arrow(rows: pd.DataFrame, embeddings: np.ndarray) -> pa.Table:
-    """Window rows (`window_table` columns) + (N, D) embeddings -> an Arrow table."""
-    dim = int(embeddings.shape[1])
-    arrays = []
-    for name, typ in METADATA_FIELDS:
-        col = rows[name]
-        if name == "datetime":
-            col = pd.to_datetime(col).astype("datetime64[ms]")
-        arrays.append(pa.array(col, type=typ, from_pandas=True))
-    flat = pa.array(np.ascontiguousarray(embeddings, np.float32).reshape(-1), pa.float32())
-    arrays.append(pa.FixedSizeListArray.from_arrays(flat, dim))
-    return pa.Table.from_arrays(arrays, schema=schema(dim))
-
-
-def read_provenance(path: str | Path) -> dict[str, Any]:
-    """The provenance of an embeddings file; DataError when it is not one."""
-    p = Path(path)
-    try:
-        sch = pq.read_schema(p)
-    except (pa.ArrowInvalid, OSError) as e:
-        raise DataError(f"{p} is not a Parquet file ({str(e).splitlines()[0]})") from e
-    raw = (sch.metadata or {}).get(META_KEY)
-    try:
-        prov = json.loads(raw) if raw else None
-    except ValueError:
-        prov = None
-    if not isinstance(prov, dict) or prov.get("format") != EMBEDDINGS_FORMAT:
-        raise DataError(f"{p} is a Parquet file but not bioaudio embeddings (no provenance)")
-    if "embedding" not in sch.names or not pa.types.is_fixed_size_list(sch.field("embedding").type):
-        raise DataError(f"{p}: no fixed-size 'embedding' column")
-    return prov
-
-
-@dataclass
-class EmbeddingSet:
-    """An embeddings file in memory: metadata rows, embeddings (N, D) float32, provenance."""
-
-    rows: pd.DataFrame
-    vectors: np.ndarray
-    provenance: dict[str, Any]
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-
-def read_embeddings(path: str | Path, max_rows: int | None = None, seed: int = 0) -> EmbeddingSet:
-    """Read an embeddings file; with `max_rows`, a seeded random sample of that many rows (in
-    file order)."""
-    prov = read_provenance(path)
-    table = pq.read_table(path)
-    if max_rows is not None and max_rows < table.num_rows:
-        keep = np.random.default_rng(seed).choice(table.num_rows, max_rows, replace=False)
-        table = table.take(np.sort(keep))
-    col = table.column("embedding").combine_chunks()
-    dim = col.type.list_size
-    vectors = col.values.to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float32)
-    rows = table.drop_columns(["embedding"]).to_pandas()
-    return EmbeddingSet(rows, vectors, prov)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -830,15 +382,6 @@ def _merge(
     return merged.num_rows, len(seen), n_skipped
 
 
-def _version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("bioaudio")
-    except Exception:
-        return "unknown"
-
-
 def embed_to_parquet(
     model: str | Path,
     source: str | Path,
@@ -861,10 +404,7 @@ def embed_to_parquet(
     if not Path(source).expanduser().exists():  # before the (slow) model load
         raise DataError(f"input not found: {Path(source).expanduser()}")
     _check_out(out, cfg.overwrite)
-    if accelerator is not None:
-        device = accelerator.device
-    else:
-        device = torch.device("cuda" if torch.cuda.is_available() and not cfg.cpu else "cpu")
+    device = accelerator.device if accelerator is not None else cfg.device()
     embedder = load_embedder(model, cfg.pooling, cfg.layer, device)
     window = float(cfg.window or embedder.default_window())
     hop = float(cfg.hop or window)
@@ -923,7 +463,7 @@ def embed_to_parquet(
             "format": EMBEDDINGS_FORMAT,
             "format_version": EMBEDDINGS_VERSION,
             **settings,
-            "bioaudio_version": _version(),
+            "bioaudio_version": runinfo.bioaudio_version(),
             "processes": world,
             "input": str(Path(source).expanduser().resolve()),
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

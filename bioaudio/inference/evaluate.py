@@ -26,17 +26,16 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 
 from bioaudio.data.manifest import read_manifest, split_labels
 from bioaudio.errors import CheckpointError, ConfigError, DataError
 from bioaudio.fileio import check_writable, save_json_atomic, write_csv_atomic, write_text_atomic
 from bioaudio.inference.metrics import classification_report, row_normalised
 from bioaudio.inference.predict import ClipPredictions, predict_clips, resolve_export_dir
+from bioaudio.inference.runner import WindowOptions, training_window, window_option
 
 TEST_METRICS = "test_metrics.json"
 TEST_PREDICTIONS = "test_predictions.csv"
-DEFAULT_WINDOW = 5.0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -140,30 +139,20 @@ def metrics_markdown(record: dict[str, Any], multi_label: bool) -> list[str]:
 
 
 @dataclass
-class EvaluateOptions:
+class EvaluateOptions(WindowOptions):
     """Options of `bioaudio evaluate` (and of `evaluate`)."""
 
     out: Path | None = field(
         default=None, metadata={"help": "output folder (default: ./eval_<MANIFEST name>)"}
     )
-    window: float | None = field(
-        default=None, metadata={"help": "window seconds (default: the model's training clip)"}
+    window: float | None = window_option(
+        "window", "window seconds (default: the model's training clip)"
     )
-    hop: float | None = field(
-        default=None, metadata={"help": "hop between windows in seconds (default: --window)"}
-    )
-    batch_size: int = field(default=16, metadata={"help": "windows per forward pass per process"})
-    num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes"})
-    cpu: bool = field(default=False, metadata={"help": "run on CPU even when a GPU is available"})
-    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
-
-    def validate(self) -> None:
-        for name in ("window", "hop"):
-            v = getattr(self, name)
-            if v is not None and not v > 0:
-                raise ConfigError(f"--{name} must be positive seconds, got {v}")
-        if self.batch_size < 1 or self.num_workers < 0:
-            raise ConfigError("--batch_size must be >= 1 and --num_workers >= 0")
+    hop: float | None = window_option("hop")
+    batch_size: int = window_option("batch_size", "windows per forward pass per process")
+    num_workers: int = window_option("num_workers")
+    cpu: bool = window_option("cpu")
+    progress: bool = window_option("progress")
 
 
 def find_classifier(path: str | Path) -> Path:
@@ -280,12 +269,9 @@ def evaluate(
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} exists and is not a folder")
     check_writable(out)
-    provenance = config.get("provenance") or {}
-    window = float(cfg.window or provenance.get("clip_seconds") or DEFAULT_WINDOW)
+    window = float(cfg.window or training_window(config.get("provenance")))
     hop = float(cfg.hop or window)
-    device = None
-    if accelerator is None:
-        device = torch.device("cuda" if torch.cuda.is_available() and not cfg.cpu else "cpu")
+    device = cfg.device() if accelerator is None else None
     model = load_classifier(export, device=device)
     main = accelerator is None or accelerator.is_main_process
     clips = predict_clips(

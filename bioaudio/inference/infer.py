@@ -1,11 +1,12 @@
 """Classify audio files and folders with a trained classifier: per-file window probabilities
 averaged over the file, a spectrogram plot with the prediction, predictions.csv for a folder.
-(`bioaudio infer` prints what these functions return.)"""
+(`bioaudio infer` prints the lines `infer` returns.)"""
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -13,9 +14,44 @@ import torch
 
 from bioaudio.data import audio
 from bioaudio.data.manifest import find_audio_files
-from bioaudio.errors import AudioDecodeError, DataError
-from bioaudio.fileio import save_json_atomic, write_csv_atomic
-from bioaudio.inference.predict import ClipPredictions, predict_clips
+from bioaudio.errors import AudioDecodeError, ConfigError, DataError
+from bioaudio.fileio import check_writable, save_json_atomic, write_csv_atomic
+from bioaudio.inference.predict import ClipPredictions, load_classifier, predict_clips
+from bioaudio.inference.runner import WindowOptions, training_window, window_option
+
+
+@dataclass
+class InferConfig(WindowOptions):
+    """Options of `bioaudio infer` (and of `infer`)."""
+
+    out: Path | None = field(
+        default=None, metadata={"help": "output folder (default: ./predictions_<INPUT name>)"}
+    )
+    window: float | None = window_option(
+        "window", "window seconds (default: the model's training clip)"
+    )
+    hop: float | None = window_option("hop")
+    top_k: int = field(default=3, metadata={"help": "classes listed per file"})
+    threshold: float = field(
+        default=0.5, metadata={"help": "multi-label: a class is present above this probability"}
+    )
+    batch_size: int = window_option("batch_size")
+    num_workers: int = window_option("num_workers")
+    plot_seconds: float = field(
+        default=300.0,
+        metadata={"help": "one file: seconds drawn (spectrogram and window probabilities)"},
+    )
+    cpu: bool = window_option("cpu")
+    progress: bool = window_option("progress")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.top_k < 1:
+            raise ConfigError(f"--top_k must be >= 1, got {self.top_k}")
+        if not 0.0 < self.threshold < 1.0:
+            raise ConfigError(f"--threshold must be in (0, 1), got {self.threshold}")
+        if not self.plot_seconds > 0:
+            raise ConfigError(f"--plot_seconds must be positive, got {self.plot_seconds}")
 
 
 def _check_finite(scores: np.ndarray, what: str) -> None:
@@ -120,7 +156,7 @@ def _probe(paths: list[Path]) -> tuple[pd.DataFrame, list[dict[str, str]]]:
 
 
 def _clip_predictions(
-    model: torch.nn.Module, df: pd.DataFrame, cfg: Any, window: float, device, skip: bool
+    model: torch.nn.Module, df: pd.DataFrame, cfg: InferConfig, window: float, device, skip: bool
 ) -> ClipPredictions:
     return predict_clips(
         model,
@@ -138,7 +174,7 @@ def _clip_predictions(
 
 
 def infer_file(
-    model: torch.nn.Module, path: Path, out: Path, cfg: Any, window: float, device
+    model: torch.nn.Module, path: Path, out: Path, cfg: InferConfig, window: float, device
 ) -> dict:
     """Classify one file; write its PNG, per-window CSV and JSON record into `out`. The record
     holds the lines to print under "messages"."""
@@ -188,7 +224,7 @@ def infer_file(
 
 
 def infer_folder(
-    model: torch.nn.Module, folder: Path, out: Path, cfg: Any, window: float, device
+    model: torch.nn.Module, folder: Path, out: Path, cfg: InferConfig, window: float, device
 ) -> pd.DataFrame:
     """Classify every audio file under `folder`: predictions.csv, bar chart, skipped.csv. The
     table's `attrs["messages"]` holds the lines to print."""
@@ -256,3 +292,26 @@ def infer_folder(
     lines.append(f"wrote {out / 'predictions.csv'} and {out / 'predicted_classes.png'}")
     table.attrs["messages"] = lines
     return table
+
+
+def infer(model_path: str | Path, source: str | Path, cfg: InferConfig) -> list[str]:
+    """Classify one audio file (`infer_file`) or every audio file under a folder
+    (`infer_folder`) into `cfg.out` (default: ./predictions_<source name>); returns the lines
+    to print."""
+    source = Path(source).expanduser()
+    if not source.exists():
+        raise DataError(f"input not found: {source}")
+    out = cfg.out or Path.cwd() / f"predictions_{source.stem or source.name}"
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} exists and is not a folder")
+    check_writable(out)
+    device = cfg.device()
+    model = load_classifier(model_path, device=device)
+    names = list(getattr(model, "class_names", []) or [])
+    if not names or not hasattr(model, "frontend_cfg"):
+        raise ConfigError(f"{model_path}: not a classifier (no class names / head)")
+    window = float(cfg.window or training_window(getattr(model, "provenance", None)))
+    cfg = dataclasses.replace(cfg, out=out)
+    if source.is_dir():
+        return infer_folder(model, source.resolve(), out, cfg, window, device).attrs["messages"]
+    return infer_file(model, source, out, cfg, window, device)["messages"]

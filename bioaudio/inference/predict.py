@@ -23,19 +23,27 @@ from bioaudio.inference.metrics import aggregate_windows, first_per_group, proba
 from bioaudio.models.checkpoint import is_export_dir
 
 
+def run_export(run_dir: Path) -> Path | None:
+    """The model of a run directory: its best/ export, else its export/; None without either."""
+    for name in ("best", "export"):
+        if is_export_dir(run_dir / name):
+            return run_dir / name
+    return None
+
+
 def resolve_export_dir(path: str | Path) -> Path:
     """An export folder from an export folder or a run directory (its best/, else export/)."""
     p = Path(path).expanduser()
     if not p.exists():
         raise CheckpointError(f"{p}: no such file or folder")
     if p.is_dir() and not is_export_dir(p):
-        for name in ("best", "export"):
-            if is_export_dir(p / name):
-                return p / name
-        raise CheckpointError(
-            f"{p}: neither an export folder (model.safetensors + config.json) nor a run"
-            " directory with best/ or export/"
-        )
+        found = run_export(p)
+        if found is None:
+            raise CheckpointError(
+                f"{p}: neither an export folder (model.safetensors + config.json) nor a run"
+                " directory with best/ or export/"
+            )
+        return found
     return p
 
 
