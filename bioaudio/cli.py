@@ -84,21 +84,14 @@ def one_line(e: BaseException) -> str:
     return " ".join(msg.split())
 
 
-def _version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("bioaudio")
-    except Exception:
-        return "unknown"
-
-
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(
         prog="bioaudio",
         description="Pretrain, finetune, evaluate and explore BEATs / EAT audio encoders.",
     )
-    parser.add_argument("--version", action="version", version=f"bioaudio {_version()}")
+    parser.add_argument(
+        "--version", action="version", version=f"bioaudio {runinfo.bioaudio_version()}"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
     for name, (_module, help_text) in COMMANDS.items():
         sub.add_parser(name, help=help_text, add_help=False)

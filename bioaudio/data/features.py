@@ -31,7 +31,6 @@ them differ from featurising the cropped audio. Items cached with `--window` are
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -74,6 +73,7 @@ from bioaudio.fileio import (
     save_json_atomic,
     temp_dir_beside,
 )
+from bioaudio.runinfo import bioaudio_version, sha256_file
 
 __all__ = [
     "CACHE_FILE",
@@ -106,15 +106,6 @@ _FEATURE_KEYS: dict[str, tuple[str, ...]] = {
     "stft": ("kind", "sample_rate", "n_fft", "hop_length", "top_db"),
     "mfcc": ("kind", "sample_rate", "n_mels", "n_fft", "hop_length", "n_mfcc"),
 }
-
-
-def _version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("bioaudio")
-    except Exception:  # running from a source tree that is not installed
-        return "unknown"
 
 
 # --------------------------------------------------------------------------- config
@@ -176,11 +167,7 @@ class FeaturesConfig(FrontendOptions):
 
 def manifest_fingerprint(path: str | Path) -> str:
     """SHA-256 of the manifest file's bytes: any edit to it invalidates caches made from it."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return sha256_file(path)
 
 
 def _feature_identity(cfg: FrontendConfig | dict[str, Any]) -> dict[str, Any]:
@@ -387,7 +374,7 @@ def _fill(
     skipped.to_csv(tmp / SKIPPED_FILE, index=False)
     return {
         "format_version": CACHE_VERSION,
-        "created_by": f"bioaudio {_version()}",
+        "created_by": f"bioaudio {bioaudio_version()}",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "format": cfg.format,
         "frontend": to_dict(fcfg),
