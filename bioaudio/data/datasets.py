@@ -387,6 +387,30 @@ class AudioDataset(ReaderDataset, Dataset):
         raise DataError(f"{tries} consecutive unreadable files from row {index}; check the data")
 
 
+def unlabelled_clips(
+    df: pd.DataFrame, sample_rate: int, clip_seconds: float | None = None
+) -> AudioDataset:
+    """Every row of a table (path, start, end) as an item without a target, read by seeking at
+    `sample_rate` (no row is dropped for being short): what inference runs a model over."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return AudioDataset(
+            df.assign(labels=""),
+            class_names=[],
+            sample_rate=sample_rate,
+            clip_seconds=clip_seconds,
+            min_seconds=0.0,
+        )
+
+
+def length_sorted_batches(df: pd.DataFrame, batch_size: int) -> list[list[int]]:
+    """Row positions in batches of similar duration (end - start), shortest first: a
+    padding-aware model wastes little compute on padding (its outputs do not depend on the
+    batch). A DataLoader's `batch_sampler`."""
+    order = np.argsort((df["end"] - df["start"]).to_numpy(), kind="stable")
+    return [order[i : i + batch_size].tolist() for i in range(0, len(order), batch_size)]
+
+
 # --------------------------------------------------------------------------- collate
 
 

@@ -10,7 +10,6 @@ this toolkit decides whether a pretraining objective learnt anything.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from bioaudio.data.datasets import AudioDataset, collate_batch
+from bioaudio.data.datasets import collate_batch, length_sorted_batches, unlabelled_clips
 from bioaudio.errors import ConfigError, DataError
 
 
@@ -40,24 +39,14 @@ def clip_embeddings(
 ) -> np.ndarray:
     """(N, D) float32 embeddings of the manifest rows (the first `max_seconds` of each)."""
     model.eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        ds = AudioDataset(
-            df.assign(labels=""),
-            class_names=[],
-            sample_rate=int(model.frontend_cfg.sample_rate),
-            clip_seconds=max_seconds,
-            train=False,
-            min_seconds=0.0,
-        )
+    ds = unlabelled_clips(df, int(model.frontend_cfg.sample_rate), max_seconds)
     if len(ds) != len(df):
         raise DataError(f"{len(df) - len(ds)} clip(s) could not be embedded")
-    # Batches of similar lengths waste little compute on padding (the embeddings do not depend
-    # on the batch: the model is padding-aware).
-    order = np.argsort((ds.df["end"] - ds.df["start"]).to_numpy(), kind="stable")
-    batches = [order[i : i + batch_size].tolist() for i in range(0, len(order), batch_size)]
     loader = DataLoader(
-        ds, batch_sampler=batches, num_workers=num_workers, collate_fn=collate_batch
+        ds,
+        batch_sampler=length_sorted_batches(ds.df, batch_size),
+        num_workers=num_workers,
+        collate_fn=collate_batch,
     )
     device = next(model.parameters()).device
     out = np.zeros((len(ds), model.embed_dim), np.float32)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from bioaudio.config import to_dict
-from bioaudio.data.datasets import AudioDataset, collate_batch
+from bioaudio.data.datasets import collate_batch, unlabelled_clips
 from bioaudio.errors import AudioDecodeError, CheckpointError, ConfigError
 from bioaudio.inference.predict import run_export
 from bioaudio.models.baselines import BaselineClassifier
@@ -240,15 +239,8 @@ class _Windows(Dataset):
     """Windows read by seeking; an unreadable one becomes {"index", "error"} instead of raising."""
 
     def __init__(self, windows: pd.DataFrame, sample_rate: int):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            self.ds = AudioDataset(
-                windows[["path", "start", "end"]].assign(labels=""),
-                class_names=[],
-                sample_rate=sample_rate,
-                clip_seconds=None,  # each item is exactly its window: no padding when alone
-                min_seconds=0.0,
-            )
+        # clip_seconds None: each item is exactly its window (no padding when alone)
+        self.ds = unlabelled_clips(windows[["path", "start", "end"]], sample_rate)
 
     def __len__(self) -> int:
         return len(self.ds)

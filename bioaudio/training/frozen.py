@@ -10,17 +10,20 @@ the whole model runs; its export is the whole model (frontend, frozen encoder, t
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from bioaudio.data.datasets import AudioDataset, collate_batch
+from bioaudio.data.datasets import (
+    AudioDataset,
+    collate_batch,
+    length_sorted_batches,
+    unlabelled_clips,
+)
 from bioaudio.errors import ConfigError, DataError
 from bioaudio.models.layers import EncoderOutput
 
@@ -103,19 +106,8 @@ class EncoderOutputCache:
             return
         model = self.model
         model.eval()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            ds = AudioDataset(
-                todo.assign(labels=""),
-                class_names=[],
-                sample_rate=int(model.frontend_cfg.sample_rate),
-                clip_seconds=clip_seconds,
-                min_seconds=0.0,
-            )
-        order = np.argsort((ds.df["end"] - ds.df["start"]).to_numpy(), kind="stable")
-        batches = [
-            order[i : i + self.batch_size].tolist() for i in range(0, len(order), self.batch_size)
-        ]
+        ds = unlabelled_clips(todo, int(model.frontend_cfg.sample_rate), clip_seconds)
+        batches = length_sorted_batches(ds.df, self.batch_size)
         loader = DataLoader(ds, batch_sampler=batches, collate_fn=collate_batch)
         device = next(model.parameters()).device
         bar = tqdm(total=len(ds), desc="encode (once)", unit="clip", disable=not self.progress)
