@@ -193,7 +193,7 @@ def predict(
         scores, index = outs[0].numpy(), outs[1].numpy()
         targets = outs[2].numpy() if len(outs) > 2 else None
         return _in_order(scores, targets, index, {})
-    dev = torch.device(device) if device is not None else _device_of(model)
+    dev = torch.device(device) if device is not None else device_of(model)
     model.to(dev)
     scores_l, index_l, target_l, errors = [], [], [], {}
     bar = tqdm(loader, desc=desc, unit="batch", disable=not progress, leave=False)
@@ -222,7 +222,8 @@ def predict(
     return _in_order(torch.cat(scores_l).numpy(), targets, torch.cat(index_l).numpy(), errors)
 
 
-def _device_of(model: nn.Module) -> torch.device:
+def device_of(model: nn.Module) -> torch.device:
+    """Where a model's weights are (the CPU for a model without parameters)."""
     p = next(model.parameters(), None)
     return p.device if p is not None else torch.device("cpu")
 

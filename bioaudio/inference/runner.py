@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from bioaudio.config import to_dict
 from bioaudio.data.datasets import collate_batch, unlabelled_clips
 from bioaudio.errors import AudioDecodeError, CheckpointError, ConfigError
-from bioaudio.inference.predict import run_export
+from bioaudio.inference.predict import device_of, run_export
 from bioaudio.models.baselines import BaselineClassifier
 from bioaudio.models.checkpoint import is_export_dir, load_model
 
@@ -180,8 +180,7 @@ class Embedder:
 
     @property
     def device(self) -> torch.device:
-        p = next(self.model.parameters(), None)
-        return p.device if p is not None else torch.device("cpu")
+        return device_of(self.model)
 
     def default_window(self) -> float:
         return training_window(getattr(self.model, "provenance", None))
