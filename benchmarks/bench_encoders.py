@@ -29,16 +29,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bioaudio.benchreport import Report, add_suite_arguments  # noqa: E402
+from bioaudio.benchreport import Report, add_suite_arguments, clip_frames, encoder_step  # noqa: E402
+from bioaudio.benchreport import sync as _sync  # noqa: E402
 from bioaudio.models.layers import attention_impl  # noqa: E402
 from bioaudio.models.registry import build_encoder  # noqa: E402
 
 TARGET_CLIP_S = 10.0  # the clip length of the MFU target
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def matmul_peak(dtype: torch.dtype, device: torch.device, n: int, reps: int = 5) -> float:
@@ -57,23 +53,12 @@ def matmul_peak(dtype: torch.dtype, device: torch.device, n: int, reps: int = 5)
     return best
 
 
-def step(encoder: torch.nn.Module, fbank: torch.Tensor, bf16: bool) -> None:
-    """One forward + backward pass."""
-    with torch.autocast(fbank.device.type, dtype=torch.bfloat16, enabled=bf16):
-        out = encoder(fbank)
-        loss = out.tokens.float().square().mean()
-        if out.cls is not None:
-            loss = loss + out.cls.float().square().mean()
-    loss.backward()
-    encoder.zero_grad(set_to_none=True)
-
-
 def count_flops(encoder: torch.nn.Module, fbank: torch.Tensor) -> float:
     """Model FLOPs of one fp32 forward+backward (explicit attention, so every matmul counts)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     with attention_impl("math"), FlopCounterMode(display=False) as counter:
-        step(encoder, fbank, bf16=False)
+        encoder_step(encoder, fbank, bf16=False)
     return float(counter.get_total_flops())
 
 
@@ -89,7 +74,7 @@ def time_pair(
             with attention_impl(impl):  # type: ignore[arg-type]
                 _sync(device)
                 t = time.perf_counter()
-                step(encoder, fbank, bf16)
+                encoder_step(encoder, fbank, bf16)
                 _sync(device)
                 if i >= warmup:
                     times[impl].append(time.perf_counter() - t)
@@ -140,8 +125,7 @@ def main(argv: list[str] | None = None) -> None:
     header = f"{'model':<6} {'dtype':<5} {'tokens':>6} {'GFLOP/step':>10} {'ours clips/s':>12} {'ref clips/s':>11} {'speedup':>7} {'MFU ours':>8} {'MFU ref':>7}"
     print(header)
     print("-" * len(header))
-    frames = int(round(args.seconds * 100))
-    frames -= frames % 16
+    frames = clip_frames(args.seconds)
     report = Report(
         "encoders",
         f"forward+backward of our {args.preset} BEATs / EAT encoders: model FLOPs utilisation "

@@ -108,3 +108,43 @@ def format_target(f: dict[str, Any]) -> str:
         return ""
     op = ">=" if f.get("higher_is_better", True) else "<="
     return f"{op} {format_value(f['target'], f.get('unit', ''))}"
+
+
+# --------------------------------------------------------------------------- encoder steps
+# The training step the encoder benchmarks time (bench_encoders, bench_memory, bench_scaling,
+# bench_compile), written once so they all measure the same computation.
+
+
+def sync(device: Any) -> None:
+    """Wait for the device's queued work (CUDA); a no-op on CPU."""
+    import torch
+
+    if getattr(device, "type", device) == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def clip_frames(seconds: float, patch: int = 16) -> int:
+    """Fbank frames (10 ms hop) of a clip, rounded down to whole patches."""
+    frames = int(round(seconds * 100))
+    return frames - frames % patch
+
+
+def encoder_step(module: Any, fbank: Any, bf16: bool | None = None, keep_grads: bool = False):
+    """One forward + backward of an encoder as training runs it: the loss is the mean square of
+    the tokens (+ CLS), under bf16 autocast when `bf16` (None: on CUDA with bf16 support, as the
+    Trainer's precision "auto"). Gradients are cleared (set to None, as the Trainer's zero_grad)
+    unless `keep_grads`. Returns (tokens per clip, the detached loss)."""
+    import torch
+
+    device = fbank.device
+    if bf16 is None:
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        out = module(fbank)
+        loss = out.tokens.float().square().mean()
+        if out.cls is not None:
+            loss = loss + out.cls.float().square().mean()
+    loss.backward()
+    if not keep_grads:
+        module.zero_grad(set_to_none=True)
+    return int(out.tokens.shape[1]), loss.detach()

@@ -280,19 +280,32 @@ def test_ssl_probe_figures():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
 
-    def acc(mean, std):
-        return {"mean": mean, "std": std}
+    def acc(*scores):
+        mean = sum(scores) / len(scores)
+        std = (sum((s - mean) ** 2 for s in scores) / (len(scores) - 1)) ** 0.5
+        return {"scores": list(scores), "mean": mean, "std": std}
+
+    # ESC-10: a large gain on every fold. Digits: folds of very different difficulty (the
+    # fold-std criterion fails) but pretrained better on every one by a steady margin (the
+    # paired one holds). A third task-like case: gains of both signs (neither holds).
+    esc_r, esc_p = acc(0.40, 0.42, 0.38, 0.41, 0.39), acc(0.55, 0.58, 0.52, 0.57, 0.53)
+    dig_r, dig_p = acc(0.10, 0.30, 0.50, 0.20, 0.40), acc(0.15, 0.36, 0.54, 0.26, 0.45)
+    v_esc, v_dig = mod.verdict(esc_p, esc_r), mod.verdict(dig_p, dig_r)
+    assert v_esc["learns"] and v_esc["learns_paired"] and v_esc["folds_won"] == "5/5"
+    assert not v_dig["learns"] and v_dig["learns_paired"]
+    assert v_dig["gain"] == pytest.approx(0.052) and v_dig["paired_sem"] > 0
+    mixed = mod.verdict(acc(0.5, 0.3, 0.6, 0.2), acc(0.4, 0.4, 0.5, 0.3))
+    assert not mixed["learns_paired"] and mixed["folds_won"] == "2/4"
+    with pytest.raises(ValueError):  # probes on different folds cannot be paired
+        mod.verdict(acc(0.5, 0.6), acc(0.4, 0.5, 0.6))
 
     results = {
         "models": {
             "eat": {
                 "pretrain": {"total_steps": 120, "total_minutes": 2.0},
-                "random": {"esc10": acc(0.40, 0.02), "digits": acc(0.30, 0.05)},
-                "pretrained": {"esc10": acc(0.55, 0.03), "digits": acc(0.32, 0.04)},
-                "verdict": {
-                    "esc10": {"gain": 0.15, "two_std": 0.06, "learns": True},
-                    "digits": {"gain": 0.02, "two_std": 0.10, "learns": False},
-                },
+                "random": {"esc10": esc_r, "digits": dig_r},
+                "pretrained": {"esc10": esc_p, "digits": dig_p},
+                "verdict": {"esc10": v_esc, "digits": v_dig},
             }
         }
     }
@@ -300,13 +313,17 @@ def test_ssl_probe_figures():
     assert d["benchmark"] == "ssl_probe"
     f = {x["figure"]: x for x in d["figures"]}
     gain = f["eat small, ESC-10 (5 folds): gain over random"]
-    assert gain["value"] == pytest.approx(15.0) and gain["target"] == pytest.approx(6.0)
+    assert gain["value"] == pytest.approx(15.0) and gain["target"] == pytest.approx(
+        100 * v_esc["two_std"]
+    )
     assert gain["met"] is True and gain["unit"] == "pp" and "120 steps" in gain["note"]
     assert f["eat small, spoken digits (by speaker): gain over random"]["met"] is False
+    paired = f["eat small, spoken digits (by speaker): paired gain / its standard error"]
+    assert paired["met"] is True and "5/5" in paired["note"]
     assert f["eat small, ESC-10 (5 folds): probe accuracy, pretrained"]["value"] == pytest.approx(
         55
     )
     assert f["eat small, spoken digits (by speaker): probe accuracy, random weights"]["value"] == (
         pytest.approx(30.0)
     )
-    assert len(d["figures"]) == 6
+    assert len(d["figures"]) == 8
