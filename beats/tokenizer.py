@@ -56,7 +56,12 @@ from bioaudio.config import from_dict, to_dict
 from bioaudio.data.frontend import FrontendConfig, build_frontend
 from bioaudio.errors import CheckpointError, ConfigError, first_line
 from bioaudio.fileio import atomic_dir
-from bioaudio.models.checkpoint import load_weights, read_safetensors, read_torch_file
+from bioaudio.models.checkpoint import (
+    load_weights,
+    read_safetensors,
+    read_torch_file,
+    read_versioned_config,
+)
 from bioaudio.models.layers import frames_to_token_mask
 
 from .convert import HEAD_KEYS, OFFICIAL_DEFAULTS, convert_state_dict
@@ -656,20 +661,7 @@ def load_tokenizer(path: str | Path) -> BEATsTokenizer | RandomProjectionTokeniz
         p = p.parent
     if p.is_dir():
         cfg_path = p / TOKENIZER_CONFIG
-        try:
-            config = json.loads(cfg_path.read_text())
-        except FileNotFoundError:
-            raise CheckpointError(f"{p}: no {TOKENIZER_CONFIG} (not a tokenizer folder)") from None
-        except (OSError, ValueError) as e:
-            raise CheckpointError(f"{cfg_path}: unreadable ({first_line(e)})") from e
-        if not isinstance(config, dict) or config.get("format") != TOKENIZER_FORMAT:
-            raise CheckpointError(f"{cfg_path}: not a tokenizer config (no format marker)")
-        version = config.get("format_version")
-        if not isinstance(version, int) or version > TOKENIZER_VERSION:
-            raise CheckpointError(
-                f"{cfg_path}: tokenizer format version {version} is newer than this bioaudio "
-                f"reads ({TOKENIZER_VERSION}); upgrade bioaudio"
-            )
+        config = read_versioned_config(cfg_path, TOKENIZER_FORMAT, TOKENIZER_VERSION, "tokenizer")
         kind = config.get("tokenizer_type")
         if kind not in _TYPES:
             raise CheckpointError(f"{cfg_path}: unknown tokenizer_type {kind!r}")

@@ -582,7 +582,7 @@ def test_save_refuses_other_folders_and_load_refuses_junk(tmp_path):
     assert (other / "keep.txt").exists()
     with pytest.raises(CheckpointError) as e:
         load_tokenizer(other)
-    assert "not a tokenizer folder" in _one_line(e)
+    assert "not a bioaudio tokenizer" in _one_line(e)
     junk = tmp_path / "junk.pt"
     torch.save({"a": torch.zeros(1)}, junk)
     with pytest.raises(CheckpointError) as e:

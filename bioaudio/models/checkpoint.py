@@ -545,25 +545,35 @@ def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source:
 # ----------------------------------------------------------------------------------------------
 # Our export format
 # ----------------------------------------------------------------------------------------------
+def read_versioned_config(
+    cfg_path: Path, marker: str, max_version: int, what: str, folder: Path | None = None
+) -> dict[str, Any]:
+    """A JSON config that carries `"format": marker` and an integer `"format_version"` no newer
+    than `max_version` (exports, tokenizer folders); `what` names the kind in errors ("export",
+    "tokenizer"), `folder` the folder to name when the file is missing."""
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except FileNotFoundError:
+        where = folder if folder is not None else cfg_path.parent
+        raise CheckpointError(f"{where}: no {cfg_path.name} (not a bioaudio {what})") from None
+    except (OSError, ValueError) as e:  # JSON and UTF-8 errors are ValueErrors
+        raise CheckpointError(f"{cfg_path}: not valid JSON ({_first_line(e)})") from e
+    if not isinstance(cfg, dict) or cfg.get("format") != marker:
+        raise CheckpointError(f"{cfg_path}: not a bioaudio {what} config (no format marker)")
+    version = cfg.get("format_version")
+    if not isinstance(version, int) or version > max_version:
+        raise CheckpointError(
+            f"{cfg_path}: {what} format version {version} is newer than this bioaudio "
+            f"reads ({max_version}); upgrade bioaudio"
+        )
+    return cfg
+
+
 def read_export_config(path: str | Path) -> dict[str, Any]:
     """The config.json of an export folder (format marker and version checked)."""
     p = Path(path)
     cfg_path = p / CONFIG_FILE if p.is_dir() else p
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{p}: no {CONFIG_FILE} (not a bioaudio export)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{cfg_path}: not valid JSON ({_first_line(e)})") from e
-    if not isinstance(cfg, dict) or cfg.get("format") != EXPORT_FORMAT:
-        raise CheckpointError(f"{cfg_path}: not a bioaudio export config (no format marker)")
-    version = cfg.get("format_version")
-    if not isinstance(version, int) or version > EXPORT_VERSION:
-        raise CheckpointError(
-            f"{cfg_path}: export format version {version} is newer than this bioaudio "
-            f"reads ({EXPORT_VERSION}); upgrade bioaudio"
-        )
-    return cfg
+    return read_versioned_config(cfg_path, EXPORT_FORMAT, EXPORT_VERSION, "export", folder=p)
 
 
 def is_export_dir(path: Path) -> bool:

@@ -97,8 +97,8 @@ def pool_tokens(out: EncoderOutput, pooling: str) -> torch.Tensor:
     raise ConfigError(f"unknown pooling {pooling!r} for an embedding (use one of {EMBED_POOLINGS})")
 
 
-class ClassifierHead(nn.Module):
-    """Pool (cls / mean / max) -> optional LayerNorm -> dropout -> Linear: logits (B, C)."""
+class _LinearHead(nn.Module):
+    """Optional LayerNorm -> dropout -> Linear (embed_dim -> classes), the part every head has."""
 
     def __init__(self, cfg: HeadConfig, embed_dim: int):
         super().__init__()
@@ -108,24 +108,19 @@ class ClassifierHead(nn.Module):
         self.fc = nn.Linear(embed_dim, cfg.num_classes)
         nn.init.trunc_normal_(self.fc.weight, std=0.02)
         nn.init.zeros_(self.fc.bias)
+
+
+class ClassifierHead(_LinearHead):
+    """Pool (cls / mean / max) -> optional LayerNorm -> dropout -> Linear: logits (B, C)."""
 
     def forward(self, out: EncoderOutput) -> torch.Tensor:
         return self.fc(self.dropout(self.norm(pool_tokens(out, self.cfg.pooling))))
 
 
-class LinSoftmaxHead(nn.Module):
+class LinSoftmaxHead(_LinearHead):
     """Per-token classifier + linear-softmax pooling; returns clip logits (see module doc)."""
 
     eps = 1e-6
-
-    def __init__(self, cfg: HeadConfig, embed_dim: int):
-        super().__init__()
-        self.cfg = cfg
-        self.norm = nn.LayerNorm(embed_dim, eps=cfg.norm_eps) if cfg.norm else nn.Identity()
-        self.dropout = nn.Dropout(cfg.dropout)
-        self.fc = nn.Linear(embed_dim, cfg.num_classes)
-        nn.init.trunc_normal_(self.fc.weight, std=0.02)
-        nn.init.zeros_(self.fc.bias)
 
     def forward(self, out: EncoderOutput) -> torch.Tensor:
         z = self.fc(self.dropout(self.norm(out.tokens))).float()  # (B, N, C), pooled in fp32
@@ -136,19 +131,14 @@ class LinSoftmaxHead(nn.Module):
         return torch.log(clip) - torch.log1p(-clip)
 
 
-class AttentionHead(nn.Module):
+class AttentionHead(_LinearHead):
     """Class-wise attentive pooling: per class, a softmax over tokens weights per-token logits."""
 
     def __init__(self, cfg: HeadConfig, embed_dim: int):
-        super().__init__()
-        self.cfg = cfg
-        self.norm = nn.LayerNorm(embed_dim, eps=cfg.norm_eps) if cfg.norm else nn.Identity()
-        self.dropout = nn.Dropout(cfg.dropout)
-        self.fc = nn.Linear(embed_dim, cfg.num_classes)
+        super().__init__(cfg, embed_dim)
         self.att = nn.Linear(embed_dim, cfg.num_classes)
-        for lin in (self.fc, self.att):
-            nn.init.trunc_normal_(lin.weight, std=0.02)
-            nn.init.zeros_(lin.bias)
+        nn.init.trunc_normal_(self.att.weight, std=0.02)
+        nn.init.zeros_(self.att.bias)
 
     def forward(self, out: EncoderOutput) -> torch.Tensor:
         x = self.dropout(self.norm(out.tokens))
