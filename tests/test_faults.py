@@ -504,6 +504,40 @@ def test_unreadable_training_files_are_skipped_and_counted(tmp_path, capsys):
     assert "skipped 2 unreadable" in stdout
 
 
+def test_unreadable_validation_and_test_files_are_skipped_and_listed(tmp_path, capsys):
+    # Files that break after `prepare` in the validation and test sets: the run finishes,
+    # validation and test metrics cover the readable clips, and skipped.csv lists both files.
+    manifest = write_tone_dataset(tmp_path / "data", n_per_class=6)
+    df = pd.read_csv(manifest)
+    df["split"] = [
+        "val" if i % 3 == 0 else "test" if i % 3 == 1 else "train" for i in range(len(df))
+    ]
+    bad_val = df["path"][df.index[df["split"] == "val"][0]]
+    bad_test = df["path"][df.index[df["split"] == "test"][0]]
+    for rel in (bad_val, bad_test):
+        (manifest.parent / rel).write_bytes(b"RIFF" + b"\x07" * 300)  # garbage after prepare
+    df.to_csv(manifest, index=False)
+    out = tmp_path / "runs"
+    code, stdout, err = cli(
+        capsys, "train-baseline", manifest, "--out", out, "--max_steps", "4", "--batch_size", "4",
+        "--clip_seconds", "0.5", "--num_workers", "0", "--no-progress", "--eval_every", "2",
+        *FRONTEND_FLAGS,
+    )  # fmt: skip
+    assert code == 0, err
+    run = out / "seed_42"
+    skipped = pd.read_csv(run / "skipped.csv")
+    assert {Path(p).name for p in skipped["path"]} == {Path(bad_val).name, Path(bad_test).name}
+    assert skipped["reason"].str.len().gt(0).all()
+    assert json.loads((run / "summary.json").read_text())["skipped_files"] == 2
+    metrics = json.loads((run / "test_metrics.json").read_text())
+    assert metrics["test_skipped_files"] == 1
+    n_test = int((df["split"] == "test").sum())
+    assert len(pd.read_csv(run / "test_predictions.csv")) == n_test - 1
+    history = pd.read_csv(run / "metrics.csv")
+    assert history["eval/accuracy"].notna().any()  # validation ran over the readable clips
+    assert "skipped 2 unreadable" in stdout
+
+
 # ============================================================================ 4. leftovers
 
 

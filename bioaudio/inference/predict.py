@@ -167,6 +167,8 @@ def predict(
     """
     if skip_errors and accelerator is not None and accelerator.num_processes > 1:
         raise ConfigError("predict: skip_errors works in a single process only")
+    if skip_errors and accelerator is not None:  # one process: its device, errors recorded below
+        device, accelerator = accelerator.device, None
     multi = bool(getattr(model, "multi_label", False))
     if isinstance(data, DataLoader):
         loader = data

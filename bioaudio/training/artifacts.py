@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from bioaudio.errors import DataError
 from bioaudio.fileio import save_json_atomic, write_csv_atomic
 from bioaudio.inference.evaluate import TEST_METRICS, metrics_markdown, write_test_outputs
 from bioaudio.inference.metrics import classification_report
@@ -41,7 +42,13 @@ def write_run_artifacts(
         accelerator=accelerator,
         progress=cfg.progress and accelerator.is_main_process,
         desc="test",
+        # an unreadable test file is left out of the metrics and listed in the run's
+        # skipped.csv (one process; several processes stop on it with its name)
+        skip_errors=accelerator.num_processes == 1,
     )
+    skipped = {str(test_df["path"].iloc[row]): reason for row, reason in clips.errors.items()}
+    if len(clips.rows) == 0:
+        raise DataError(f"{plan.name}: none of the {len(test_df)} test clips could be read")
     report = classification_report(clips.scores, clips.targets, names, exp.multi_label)
     if accelerator.is_main_process:
         save_json_atomic(run_dir / "class_names.json", names)
@@ -63,11 +70,12 @@ def write_run_artifacts(
             "clip_seconds": cfg.clip_seconds,
             "eval_hop": cfg.eval_hop or cfg.clip_seconds,
             "windows": len(clips.windows),
+            "test_skipped_files": len(skipped),
         }
         write_report(exp, plan, record, run_dir)
         save_json_atomic(run_dir / TEST_METRICS, record)  # last: marks the run finished
     accelerator.wait_for_everyone()
-    return report
+    return {**report, "test_skipped": skipped}
 
 
 def write_report(exp: Any, plan: Any, record: dict[str, Any], run_dir: Path) -> Path:

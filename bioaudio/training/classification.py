@@ -184,6 +184,12 @@ class ClassificationTask(Task):
             return forward_batch(model, batch).float(), batch["target"], batch["index"]
 
         logits, targets, index = gather_outputs(loader, ctx, fn)
+        # A dataset that skips unreadable files serves the next readable item in their place:
+        # each item counts once.
+        _, first = np.unique(index.numpy(), return_index=True)
+        if len(first) < len(index):
+            keep = torch.from_numpy(np.sort(first))
+            logits, targets, index = logits[keep], targets[keep], index[keep]
         groups = None
         if self.eval_groups is not None:
             groups = self.eval_groups[index.numpy()]

@@ -34,7 +34,7 @@ import os
 import stat
 import warnings
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -514,19 +514,30 @@ class Experiment:
             )
         return reasons
 
-    def _record_skips(self, plan: RunPlan, train_ds: Any, summary: dict[str, Any], acc: Any) -> int:
+    def _record_skips(
+        self,
+        plan: RunPlan,
+        datasets: Sequence[Any],
+        summary: dict[str, Any],
+        acc: Any,
+        extra: dict[str, str] | None = None,
+    ) -> int:
         """Write RUN/skipped.csv (path, reason) of the files this run could not use: missing or
-        empty ones (left out of the splits) and those that failed to decode during training
-        (skipped), merged with an earlier session's; add their count to summary.json."""
+        empty ones (left out of the splits), those that failed to decode during training or
+        validation (skipped), and `extra` (path -> reason, e.g. test files), merged with an
+        earlier session's; add their count to summary.json."""
         run_dir = self.root / plan.name
         rows = {str(self.df["path"].iloc[i]): r for i, r in sorted(self.unreadable.items())}
-        failed = train_ds.failed_paths() if isinstance(train_ds, AudioDataset) else []
-        if acc.num_processes > 1 and isinstance(train_ds, AudioDataset):
-            flags = train_ds._failed.to(acc.device).long()  # type: ignore[union-attr]
-            flags = acc.reduce(flags, reduction="sum").cpu() > 0
-            failed = list(dict.fromkeys(train_ds._paths[i] for i in torch.nonzero(flags).flatten()))
-        for path in failed:
-            rows.setdefault(path, _decode_reason(path))
+        for ds in datasets:
+            if not isinstance(ds, AudioDataset) or ds._failed is None:
+                continue
+            flags = ds._failed
+            if acc.num_processes > 1:  # every process marks what it read: combine them
+                flags = acc.reduce(flags.to(acc.device).long(), reduction="sum").cpu() > 0
+            for path in dict.fromkeys(ds._paths[i] for i in torch.nonzero(flags).flatten()):
+                rows.setdefault(path, _decode_reason(path))
+        for path, reason in (extra or {}).items():
+            rows.setdefault(path, reason)
         if acc.is_main_process:
             csv_path = run_dir / "skipped.csv"
             if csv_path.is_file():  # a resumed run: the files skipped before still count
@@ -684,7 +695,15 @@ class Experiment:
             val = groups = None
             if len(plan.val):
                 windows = segment_windows(self.df.iloc[plan.val], cfg.clip_seconds, cfg.eval_hop)
-                val = AudioDataset(windows, sample_rate=sr, clip_seconds=cfg.clip_seconds, **common)
+                # An unreadable validation file is skipped and listed like a training one: its
+                # windows are replaced by readable ones, which evaluation counts once by index.
+                val = AudioDataset(
+                    windows,
+                    sample_rate=sr,
+                    clip_seconds=cfg.clip_seconds,
+                    skip_errors=True,
+                    **common,
+                )
                 groups = val.df["segment_index"].to_numpy()
         return train, val, groups
 
@@ -835,10 +854,14 @@ class Experiment:
         )
         say(f"\n== {plan.name}: {len(train_ds)} training items, {max_steps} steps -> {run_dir}")
         summary = trainer.fit()
-        self._record_skips(plan, train_ds, summary, trainer.accelerator)
+        self._record_skips(plan, (train_ds, val_ds), summary, trainer.accelerator)
         if summary["status"] != "completed":
             return None
-        return self.write_artifacts(plan, summary, trainer.accelerator)
+        record = self.write_artifacts(plan, summary, trainer.accelerator)
+        test_skipped = record.pop("test_skipped", None)
+        if test_skipped:  # unreadable test files: listed with the others, left out of the metrics
+            self._record_skips(plan, (), summary, trainer.accelerator, extra=test_skipped)
+        return record
 
     def data_fingerprint(self) -> dict[str, Any]:
         """The manifest's rows, total duration and sha256 (computed once)."""
