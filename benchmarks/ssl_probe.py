@@ -65,6 +65,15 @@ RECIPES: dict[str, list[tuple[str, str, list[str], float]]] = {
         ("pretrain_beats_iter2", "beats", ["--objective", "beats:1,memory_bank:0.1",
                                            "--beats.tokenizer", "{run:tokenizer_beats}"], 0.7),
     ],
+    # iteration 2 with the EAT run as the tokenizer's teacher (any model load_model reads can
+    # teach): masked-token prediction of labels that summarise what EAT learnt
+    "beats_eat_teacher": [
+        ("tokenizer_from_eat", "beats", ["--objective", "beats_tokenizer:1",
+                                         "--beats_tokenizer.teacher", "{run:pretrain_eat}"], 0.3),
+        ("pretrain_beats_eat_teacher", "beats", ["--objective", "beats:1",
+                                                 "--beats.tokenizer", "{run:tokenizer_from_eat}"],
+         0.7),
+    ],
 }  # fmt: skip
 
 
@@ -219,7 +228,9 @@ def main() -> int:
         "finished stages in it are reused",
     )
     parser.add_argument(
-        "--models", default="eat", help="comma-separated: eat, beats, beats_iter2 (after beats)"
+        "--models",
+        default="eat",
+        help="comma-separated: eat, beats, beats_iter2 (after beats), beats_eat_teacher (after eat)",
     )
     parser.add_argument("--minutes", type=float, default=30.0, help="pretraining budget")
     parser.add_argument("--preset", default="small")
