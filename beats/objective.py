@@ -192,8 +192,11 @@ class MaskedTokenConfig:
         default=256, metadata={"help": "projection width of the random-projection tokenizer"}
     )
     tokenizer_layer_norm: bool = field(
-        default=True,
-        metadata={"help": "random-projection tokenizer: normalise each patch before projecting"},
+        default=False,
+        metadata={
+            "help": "random-projection tokenizer: normalise each patch before projecting (off: "
+            "labels the context can predict; see RandomProjectionTokenizer)"
+        },
     )
     predictor_layers: int = field(
         default=2, metadata={"help": "transformer layers of the label predictor (>= 1)"}
