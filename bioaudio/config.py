@@ -113,6 +113,13 @@ def _type_label(tp: Any) -> str:
     return getattr(tp, "__name__", "X").upper()
 
 
+def add_options(parser: argparse.ArgumentParser, cls: type) -> None:
+    """A command's options: `--config FILE` (YAML / JSON of the options; flags override it) and
+    one flag per field of the dataclass `cls` (read back with `config_from_args`)."""
+    parser.add_argument("--config", help="YAML / JSON file of options (flags override it)")
+    add_dataclass_args(parser, cls)
+
+
 def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, prefix: str = "") -> None:
     """Add one flag per field of `cls`. Defaults are suppressed so only explicit flags appear."""
     hints = _resolved_hints(cls)

@@ -41,7 +41,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from bioaudio.config import add_dataclass_args, config_from_args
+from bioaudio.config import add_options, config_from_args
 from bioaudio.inference.detect import DetectConfig, detect_to_folder
 
 
@@ -54,8 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="output folder (default: ./detections_<first AUDIO name>)",
     )
-    parser.add_argument("--config", help="YAML / JSON file of options (flags override it)")
-    add_dataclass_args(parser, DetectConfig)
+    add_options(parser, DetectConfig)
 
 
 def run(args: argparse.Namespace) -> int:

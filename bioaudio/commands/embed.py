@@ -27,7 +27,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from bioaudio.config import add_dataclass_args, config_from_args
+from bioaudio.config import add_options, config_from_args
 from bioaudio.inference.embed import EmbedConfig, embed_to_parquet
 
 
@@ -40,8 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="output .parquet (default: ./embeddings_<INPUT name>.parquet)",
     )
-    parser.add_argument("--config", help="YAML / JSON file of options (flags override it)")
-    add_dataclass_args(parser, EmbedConfig)
+    add_options(parser, EmbedConfig)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -25,15 +25,14 @@ from pathlib import Path
 
 import torch
 
-from bioaudio.config import add_dataclass_args, config_from_args
+from bioaudio.config import add_options, config_from_args
 from bioaudio.inference.evaluate import EvaluateOptions, evaluate
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", type=Path, help="export folder, run directory or RUN_ROOT")
     parser.add_argument("manifest", type=Path, help="labelled manifest CSV (bioaudio prepare)")
-    parser.add_argument("--config", help="YAML / JSON file of options (flags override it)")
-    add_dataclass_args(parser, EvaluateOptions)
+    add_options(parser, EvaluateOptions)
 
 
 def run(args: argparse.Namespace) -> int:

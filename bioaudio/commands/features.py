@@ -27,15 +27,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from bioaudio.config import add_dataclass_args, config_from_args
+from bioaudio.config import add_options, config_from_args
 from bioaudio.data.features import SKIPPED_FILE, FeaturesConfig, build_cache, open_cache
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("manifest", type=Path, help="manifest CSV (from `bioaudio prepare`)")
-    parser.add_argument("--config", help="YAML / JSON file of options (flags override it)")
-    add_dataclass_args(parser, FeaturesConfig)
+    add_options(parser, FeaturesConfig)
 
 
 def run(args: argparse.Namespace) -> int:

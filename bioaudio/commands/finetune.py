@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from bioaudio.config import add_dataclass_args, config_from_args
+from bioaudio.config import add_options, config_from_args
 from bioaudio.data.stats import apply_stats
 from bioaudio.errors import ConfigError
 from bioaudio.models.checkpoint import load_model
@@ -107,8 +107,7 @@ class FinetuneConfig(LoopOptions, EncoderRunOptions, ExperimentOptions):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("manifest", type=Path, help="labelled manifest CSV (bioaudio prepare)")
-    parser.add_argument("--config", help="YAML / JSON file of options (flags override it)")
-    add_dataclass_args(parser, FinetuneConfig)
+    add_options(parser, FinetuneConfig)
 
 
 def build_experiment(manifest: Path, cfg: FinetuneConfig) -> Experiment:

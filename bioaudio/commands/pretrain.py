@@ -22,7 +22,7 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from bioaudio.config import add_dataclass_args, config_from_args, from_dict
+from bioaudio.config import add_dataclass_args, add_options, config_from_args, from_dict
 from bioaudio.fileio import check_writable
 from bioaudio.models import registry
 from bioaudio.training.experiment import say
@@ -50,8 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.description = __doc__.format(objectives=describe_objectives())
     parser.add_argument("data", type=Path, help="folder of audio, or a manifest CSV")
-    parser.add_argument("--config", help="YAML / JSON file of options (flags override it)")
-    add_dataclass_args(parser, PretrainOptions)
+    add_options(parser, PretrainOptions)
     for name, cls in _objective_configs().items():
         add_dataclass_args(parser, cls, prefix=f"{name}.")
 

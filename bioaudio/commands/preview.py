@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from bioaudio.config import add_dataclass_args, config_from_args
+from bioaudio.config import add_options, config_from_args
 from bioaudio.data.datasets import AudioDataset
 from bioaudio.data.frontend import (
     FrontendKind,
@@ -191,8 +191,7 @@ def make_preview(df: pd.DataFrame, cfg: PreviewConfig, progress: bool = True) ->
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("manifest", type=Path, help="manifest CSV (from `bioaudio prepare`)")
-    parser.add_argument("--config", help="YAML / JSON file of options (flags override it)")
-    add_dataclass_args(parser, PreviewConfig)
+    add_options(parser, PreviewConfig)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from bioaudio.config import add_dataclass_args, config_from_args
+from bioaudio.config import add_options, config_from_args
 from bioaudio.data.manifest import guard_manifest_output, read_manifest, write_manifest
 from bioaudio.data.splits import SplitConfig, split_manifest, split_table
 
@@ -28,8 +28,7 @@ MAX_TABLE_ROWS = 40
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("manifest", type=Path, help="manifest CSV (from `bioaudio prepare`)")
-    parser.add_argument("--config", help="YAML / JSON file of options (flags override it)")
-    add_dataclass_args(parser, SplitConfig)
+    add_options(parser, SplitConfig)
 
 
 def default_out(manifest: Path) -> Path:

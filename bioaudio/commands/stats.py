@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from bioaudio.config import add_dataclass_args, config_from_args
+from bioaudio.config import add_options, config_from_args
 from bioaudio.data.frontend import OFFICIAL_STATS
 from bioaudio.data.manifest import read_manifest
 from bioaudio.data.stats import (
@@ -28,8 +28,7 @@ from bioaudio.data.stats import (
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("manifest", type=Path, help="manifest CSV (from `bioaudio prepare`)")
-    parser.add_argument("--config", help="YAML / JSON file of options (flags override it)")
-    add_dataclass_args(parser, StatsConfig)
+    add_options(parser, StatsConfig)
 
 
 def run(args: argparse.Namespace) -> int:

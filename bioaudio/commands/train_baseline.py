@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bioaudio.config import add_dataclass_args, config_from_args
+from bioaudio.config import add_options, config_from_args
 from bioaudio.data.augment import WaveAugmentConfig
 from bioaudio.data.frontend import FrontendKind, FrontendOptions
 from bioaudio.data.stats import resolve_stats
@@ -66,8 +66,7 @@ class TrainBaselineConfig(LoopOptions, ExperimentOptions, FrontendOptions):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("manifest", type=Path, help="labelled manifest CSV (bioaudio prepare)")
-    parser.add_argument("--config", help="YAML / JSON file of options (flags override it)")
-    add_dataclass_args(parser, TrainBaselineConfig)
+    add_options(parser, TrainBaselineConfig)
 
 
 def build_experiment(manifest: Path, cfg: TrainBaselineConfig) -> Experiment:
