@@ -5,6 +5,7 @@ tokens, teacher under no_grad; BEATs objective) whose weights equal a run withou
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -177,3 +178,62 @@ def test_finetuning_with_the_flag_trains_the_same_weights(tmp_path, capsys, coun
         assert '"gradient_checkpointing": false' in config
     for key in weights[False]:
         torch.testing.assert_close(weights[True][key], weights[False][key], msg=key)
+
+
+needs_compiler = pytest.mark.skipif(
+    not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+    reason="torch.compile (inductor) on CPU needs a C++ compiler",
+)
+
+
+@needs_compiler
+def test_finetuning_with_compile(tmp_path, capsys, monkeypatch):
+    """`bioaudio finetune --compile`: the encoder (and only it) is compiled, the run trains and
+    exports the same keys, and its weights match a run without the flag up to kernel rounding
+    (Adam turns rounding of near-zero gradients into at most lr-sized steps)."""
+    from test_classify import write_tone_dataset
+
+    from bioaudio.models.checkpoint import load_model, save_export
+
+    compiled: list[str] = []
+    original = torch.nn.Module.compile
+
+    def spy(self, *args, **kwargs):
+        compiled.append(type(self).__name__)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.Module, "compile", spy)
+    manifest = write_tone_dataset(tmp_path / "tones", n_per_class=4, folds=2)
+    torch.manual_seed(0)
+    export = save_export(build_model("eat", "tiny"), tmp_path / "eat")
+    weights = {}
+    for flag in (False, True):
+        out = tmp_path / f"ft_{flag}"
+        argv = ["finetune", str(manifest), "--model_path", str(export), "--out", str(out),
+                "--num_workers", "0", "--no-progress", "--batch_size", "4", "--clip_seconds", "1",
+                "--max_steps", "3", "--eval_every", "0", "--lr", "1e-3", "--seeds", "1",
+                "--drop_path", "0"]  # fmt: skip
+        if flag:
+            argv.append("--compile")
+        reset_accelerate()
+        assert main(argv) == 0, capsys.readouterr().err
+        # every encoder the command builds is compiled (and nothing else); none without the flag
+        assert set(compiled) == ({"EATEncoder"} if flag else set()), compiled
+        compiled.clear()
+        (run,) = out.glob("seed_*")
+        weights[flag] = load_file(str(run / "export" / "model.safetensors"))
+        assert load_model(run / "export") is not None
+    assert weights[True].keys() == weights[False].keys()
+    for key in weights[False]:
+        diff = (weights[True][key] - weights[False][key]).abs()
+        assert float(diff.max()) <= 3 * 1e-3 + 1e-6, key  # 3 Adam steps of lr 1e-3 at most
+        assert float(diff.mean()) <= 2e-4, key
+
+
+def test_pretraining_refuses_compile(audio, tmp_path, capsys):
+    reset_accelerate()
+    code = main(["pretrain", str(audio), "--model", "eat", "--preset", "tiny", "--max_steps",
+                 "1", "--out", str(tmp_path / "run"), "--compile", "--no-progress"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code != 0 and "--compile is for finetuning" in err
+    assert "Traceback" not in err

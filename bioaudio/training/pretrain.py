@@ -367,6 +367,10 @@ def build_pretrain_model(cfg: PretrainOptions) -> nn.Module:
     else:
         encoder = {"preset": cfg.preset, **cfg.encoder_options}
         model = build_model(cfg.model or "eat", encoder=encoder)
+    if cfg.compile:
+        # The EAT teacher and the memory bank's key encoder are copies of the student: a copy
+        # of a compiled module would run the student's compiled call.
+        raise ConfigError("--compile is for finetuning; pretraining objectives copy the encoder")
     cfg.apply_to_encoder(model.encoder)
     return model
 
