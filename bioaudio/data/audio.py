@@ -224,3 +224,12 @@ def save(path: str | Path, x: np.ndarray, sample_rate: int, subtype: str | None 
     fmt = {".wav": "WAV", ".flac": "FLAC", ".ogg": "OGG", ".mp3": "MP3"}.get(p.suffix.lower())
     sf.write(str(tmp), data, sample_rate, subtype=subtype, format=fmt)
     tmp.replace(p)
+
+
+def decode_failure_reason(path: str) -> str:
+    """Why a file that failed during training cannot be read (it is read again, briefly)."""
+    try:
+        load(path, sample_rate=None, duration=0.1)
+    except AudioDecodeError as e:
+        return e.reason or str(e)
+    return "could not be read during training"

@@ -46,7 +46,7 @@ from torch import nn
 
 from bioaudio import runinfo, runlog
 from bioaudio.config import to_dict
-from bioaudio.data.audio import is_url
+from bioaudio.data.audio import decode_failure_reason, is_url
 from bioaudio.data.augment import SpecAugmentConfig, WaveAugmentConfig, build_wave_augment
 from bioaudio.data.datasets import AudioDataset, collate_batch, resolve_classes, segment_windows
 from bioaudio.data.features import FeatureDataset, find_cache, frames_for_seconds, open_cache
@@ -73,6 +73,7 @@ from bioaudio.training.rundir import (
     model_identity,
     read_json_object,
 )
+from bioaudio.training.sampling import weights_from_file
 
 # ----------------------------------------------------------------------------------------------
 # Options
@@ -535,7 +536,7 @@ class Experiment:
             if acc.num_processes > 1:  # every process marks what it read: combine them
                 flags = acc.reduce(flags.to(acc.device).long(), reduction="sum").cpu() > 0
             for path in dict.fromkeys(ds._paths[i] for i in torch.nonzero(flags).flatten()):
-                rows.setdefault(path, _decode_reason(path))
+                rows.setdefault(path, decode_failure_reason(path))
         for path, reason in (extra or {}).items():
             rows.setdefault(path, reason)
         if acc.is_main_process:
@@ -741,7 +742,7 @@ class Experiment:
         if table is None or "labels" not in table:
             raise ConfigError("balanced sampling / --weights need a dataset read from audio")
         if weights_file is not None:
-            return _weights_from_file(Path(weights_file), table)
+            return weights_from_file(Path(weights_file), table)
         labels = [split_labels(v) for v in table["labels"]]
         counts = Counter(n for labs in labels for n in labs)
         rarest = 1.0 / min(counts.values()) if counts else 1.0
@@ -973,39 +974,6 @@ class _Items(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         return self.items[i]
-
-
-def _decode_reason(path: str) -> str:
-    """Why a file that failed during training cannot be read (it is read again, briefly)."""
-    from bioaudio.data import audio
-    from bioaudio.errors import AudioDecodeError
-
-    try:
-        audio.load(path, sample_rate=None, duration=0.1)
-    except AudioDecodeError as e:
-        return e.reason or str(e)
-    return "could not be read during training"
-
-
-def _weights_from_file(path: Path, table: pd.DataFrame) -> np.ndarray:
-    """Weights of a CSV `filename,weight` for the rows of `table` (matched by path, else by file
-    name); every row must have one."""
-    if not path.is_file():
-        raise ConfigError(f"--weights {path}: no such file")
-    try:
-        w = pd.read_csv(path)
-    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as e:
-        raise ConfigError(f"--weights {path}: cannot parse ({first_line(e)})") from e
-    if not {"filename", "weight"} <= set(w.columns):
-        raise ConfigError(f"--weights {path}: needs columns filename,weight")
-    by_name = dict(zip(w["filename"].astype(str), pd.to_numeric(w["weight"], errors="coerce")))
-    out = []
-    for p in table["path"]:
-        value = by_name.get(str(p), by_name.get(Path(p).name))
-        if value is None or not np.isfinite(value) or value < 0:
-            raise ConfigError(f"--weights {path}: no valid weight for {Path(p).name}")
-        out.append(float(value))
-    return np.asarray(out)
 
 
 __all__ = [

@@ -12,11 +12,15 @@ from __future__ import annotations
 import contextlib
 import random
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from torch.utils.data import Dataset, Sampler
+
+from bioaudio.errors import ConfigError, first_line
 
 _MASK64 = (1 << 64) - 1
 
@@ -121,3 +125,24 @@ class RankBatchSampler(Sampler[list[int]]):
 
     def __len__(self) -> int:
         return max(0, self.steps - self.start) * self.accum
+
+
+def weights_from_file(path: Path, table: pd.DataFrame) -> np.ndarray:
+    """Weights of a CSV `filename,weight` for the rows of `table` (matched by path, else by file
+    name); every row must have one."""
+    if not path.is_file():
+        raise ConfigError(f"--weights {path}: no such file")
+    try:
+        w = pd.read_csv(path)
+    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as e:
+        raise ConfigError(f"--weights {path}: cannot parse ({first_line(e)})") from e
+    if not {"filename", "weight"} <= set(w.columns):
+        raise ConfigError(f"--weights {path}: needs columns filename,weight")
+    by_name = dict(zip(w["filename"].astype(str), pd.to_numeric(w["weight"], errors="coerce")))
+    out = []
+    for p in table["path"]:
+        value = by_name.get(str(p), by_name.get(Path(p).name))
+        if value is None or not np.isfinite(value) or value < 0:
+            raise ConfigError(f"--weights {path}: no valid weight for {Path(p).name}")
+        out.append(float(value))
+    return np.asarray(out)
