@@ -327,3 +327,17 @@ def test_ssl_probe_figures():
         pytest.approx(30.0)
     )
     assert len(d["figures"]) == 8
+
+
+def test_ssl_probe_learning_rate_per_objective():
+    spec = importlib.util.spec_from_file_location("ssl_probe", ROOT / "benchmarks/ssl_probe.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rates = {
+        name: mod.stage_lr(flags, None) for st in mod.RECIPES.values() for name, _, flags, _ in st
+    }
+    # BEATs masked-token stages train at the post-LN rate, EAT and tokenizer training at 1e-3
+    assert rates["pretrain_beats"] == rates["pretrain_beats_iter2"] == 2e-4
+    assert rates["pretrain_beats_eat_teacher"] == 2e-4
+    assert rates["pretrain_eat"] == rates["tokenizer_beats"] == rates["tokenizer_from_eat"] == 1e-3
+    assert mod.stage_lr(["--objective", "beats:1"], 5e-4) == 5e-4  # --lr overrides every stage
