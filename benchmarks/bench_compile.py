@@ -29,7 +29,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bioaudio.benchreport import Report, add_suite_arguments, clip_frames, encoder_step  # noqa: E402
+from bioaudio.benchreport import (  # noqa: E402
+    Report,
+    add_suite_arguments,
+    clip_frames,
+    encoder_step,
+    interleaved_times,
+)
 from bioaudio.benchreport import sync as _sync  # noqa: E402
 from bioaudio.models.registry import build_encoder  # noqa: E402
 
@@ -52,15 +58,6 @@ def max_difference(encoder, compiled, fbank) -> tuple[float, float]:
     scale = max(float(g.abs().max()) for g in g_eager.values()) or 1.0
     worst = max(float((g_eager[n] - g_compiled[n]).abs().max()) for n in g_eager)
     return abs(float(loss_eager - loss_compiled)), worst / scale
-
-
-def timed(module: torch.nn.Module, fbank: torch.Tensor) -> float:
-    device = fbank.device
-    _sync(device)
-    t = time.perf_counter()
-    encoder_step(module, fbank)
-    _sync(device)
-    return time.perf_counter() - t
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -105,13 +102,15 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{model_type:<6} torch.compile failed: {reason}")
             report.notes.append(f"{model_type}: torch.compile failed ({reason})")
             continue
-        timed(encoder, fbank)  # eager warm-up
-        timed(compiled, fbank)  # compiled warm-up (train mode graph already built)
-        times: dict[str, list[float]] = {"eager": [], "compiled": []}
-        for i in range(args.iters):
-            order = ("eager", "compiled") if i % 2 == 0 else ("compiled", "eager")
-            for side in order:
-                times[side].append(timed(encoder if side == "eager" else compiled, fbank))
+        times = interleaved_times(
+            {
+                "eager": lambda m=encoder, x=fbank: encoder_step(m, x),
+                "compiled": lambda m=compiled, x=fbank: encoder_step(m, x),
+            },
+            args.iters,
+            warmup=1,
+            device=device,
+        )
         eager, comp = statistics.median(times["eager"]), statistics.median(times["compiled"])
         loss_diff, grad_diff = max_difference(encoder, compiled, fbank)
         print(

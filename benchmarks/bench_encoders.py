@@ -29,7 +29,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bioaudio.benchreport import Report, add_suite_arguments, clip_frames, encoder_step  # noqa: E402
+from bioaudio.benchreport import (  # noqa: E402
+    Report,
+    add_suite_arguments,
+    clip_frames,
+    encoder_step,
+    interleaved_times,
+)
 from bioaudio.benchreport import sync as _sync  # noqa: E402
 from bioaudio.models.layers import attention_impl  # noqa: E402
 from bioaudio.models.registry import build_encoder  # noqa: E402
@@ -66,18 +72,14 @@ def time_pair(
     encoder: torch.nn.Module, fbank: torch.Tensor, bf16: bool, warmup: int, iters: int
 ) -> tuple[float, float]:
     """Median seconds per step for (ours, reference), interleaved so drift hits both alike."""
-    device = fbank.device
-    times: dict[str, list[float]] = {"sdpa": [], "math": []}
-    for i in range(warmup + iters):
-        # ABBA order: neither implementation always runs first (caches, clocks, neighbours).
-        for impl in ("sdpa", "math") if i % 2 == 0 else ("math", "sdpa"):
-            with attention_impl(impl):  # type: ignore[arg-type]
-                _sync(device)
-                t = time.perf_counter()
-                encoder_step(encoder, fbank, bf16)
-                _sync(device)
-                if i >= warmup:
-                    times[impl].append(time.perf_counter() - t)
+
+    def run(impl: str) -> None:
+        with attention_impl(impl):  # type: ignore[arg-type]
+            encoder_step(encoder, fbank, bf16)
+
+    # ABBA order: neither implementation always runs first (caches, clocks, neighbours).
+    fns = {"sdpa": lambda: run("sdpa"), "math": lambda: run("math")}
+    times = interleaved_times(fns, iters, warmup=warmup, device=fbank.device)
     return statistics.median(times["sdpa"]), statistics.median(times["math"])
 
 

@@ -22,7 +22,6 @@ import math
 import os
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -31,7 +30,8 @@ from torchaudio.compliance import kaldi
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bioaudio.benchreport import Report, add_suite_arguments  # noqa: E402
+from bioaudio.benchreport import Report, add_suite_arguments, interleaved_times  # noqa: E402
+from bioaudio.benchreport import sync as _sync  # noqa: E402
 from bioaudio.data.fbank import KaldiFbankOptions, kaldi_fbank_batch  # noqa: E402
 
 SR = 16000
@@ -68,25 +68,11 @@ def official_clipwise(kind: str, wav: torch.Tensor) -> list[torch.Tensor]:
     return out
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_pair(
     ours: Callable[[], object], ref: Callable[[], object], device: torch.device, iters: int
 ) -> tuple[float, float]:
     """Median seconds per call for (ours, reference), one untimed warm-up round, ABBA order."""
-    times: dict[str, list[float]] = {"ours": [], "ref": []}
-    fns = {"ours": ours, "ref": ref}
-    for i in range(iters + 1):
-        for name in ("ours", "ref") if i % 2 == 0 else ("ref", "ours"):
-            _sync(device)
-            t = time.perf_counter()
-            fns[name]()
-            _sync(device)
-            if i > 0:
-                times[name].append(time.perf_counter() - t)
+    times = interleaved_times({"ours": ours, "ref": ref}, iters, warmup=1, device=device)
     return statistics.median(times["ours"]), statistics.median(times["ref"])
 
 

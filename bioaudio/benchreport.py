@@ -148,3 +148,24 @@ def encoder_step(module: Any, fbank: Any, bf16: bool | None = None, keep_grads: 
     if not keep_grads:
         module.zero_grad(set_to_none=True)
     return int(out.tokens.shape[1]), loss.detach()
+
+
+def interleaved_times(
+    fns: dict[str, Any], rounds: int, warmup: int = 0, device: Any = None
+) -> dict[str, list[float]]:
+    """Seconds per call of each function, called in turn for `warmup + rounds` rounds, the order
+    reversed every other round (A B, B A, ...) so that drift and other load hit all alike; the
+    warm-up rounds are not timed; `device` is synchronised around each call (CUDA)."""
+    import time
+
+    names = list(fns)
+    out: dict[str, list[float]] = {n: [] for n in names}
+    for i in range(warmup + rounds):
+        for name in names if i % 2 == 0 else names[::-1]:
+            sync(device)
+            t = time.perf_counter()
+            fns[name]()
+            sync(device)
+            if i >= warmup:
+                out[name].append(time.perf_counter() - t)
+    return out
