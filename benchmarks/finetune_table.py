@@ -24,10 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import shlex
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -36,7 +33,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bioaudio.benchreport import Report, add_suite_arguments  # noqa: E402
+from bioaudio.benchreport import Report, add_suite_arguments, run_bioaudio  # noqa: E402
 from bioaudio.data.manifest import read_manifest, write_manifest  # noqa: E402
 from bioaudio.models.audio_model import build_model  # noqa: E402
 from bioaudio.models.checkpoint import save_export  # noqa: E402
@@ -48,16 +45,8 @@ BENCH_SUITE = {
 EXPORTS = {"eat": "pretrain_eat", "beats": "pretrain_beats"}  # ssl_probe run names
 
 
-def bioaudio(*args: object, log: Path) -> float:
-    """Run one command (its output to `log`); returns its wall time in seconds."""
-    cmd = [sys.executable, "-m", "bioaudio", *map(str, args)]
-    print("$", shlex.join(["bioaudio", *cmd[3:]]), flush=True)
-    t = time.perf_counter()
-    with open(log, "a") as out:
-        proc = subprocess.run(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
-    if proc.returncode != 0:
-        raise SystemExit(f"failed ({proc.returncode}): see {log}")
-    return time.perf_counter() - t
+def bioaudio(*args: object, log: Path | None = None) -> float:
+    return run_bioaudio(*args, log=log, cwd=ROOT)
 
 
 def manifests(data: Path, out: Path) -> dict[str, Path]:

@@ -29,7 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import subprocess
+import statistics
 import sys
 from pathlib import Path
 
@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bioaudio import load_model  # noqa: E402
-from bioaudio.benchreport import Report, add_suite_arguments  # noqa: E402
+from bioaudio.benchreport import Report, add_suite_arguments, run_bioaudio  # noqa: E402
 from bioaudio.data.manifest import read_manifest, write_manifest  # noqa: E402
 from bioaudio.inference.probe import clip_embeddings, linear_probe  # noqa: E402
 from bioaudio.models.audio_model import build_model  # noqa: E402
@@ -90,13 +90,8 @@ def stage_lr(flags: list[str], override: float | None) -> float:
     return STAGE_LR[objective.split(",")[0].split(":")[0]]
 
 
-def bioaudio(*args: object, log: Path | None = None) -> None:
-    cmd = [sys.executable, "-m", "bioaudio", *map(str, args)]
-    print("$", shlex.join(cmd[2:]), flush=True)
-    with open(log, "a") if log else open("/dev/null", "w") as out:
-        proc = subprocess.run(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
-    if proc.returncode != 0:
-        raise SystemExit(f"failed ({proc.returncode}): see {log}")
+def bioaudio(*args: object, log: Path | None = None) -> float:
+    return run_bioaudio(*args, log=log, cwd=ROOT)
 
 
 def prepare(data: Path, out: Path) -> tuple[Path, pd.DataFrame, pd.DataFrame]:
@@ -180,9 +175,8 @@ def verdict(a: dict, b: dict) -> dict:
     """
     gains = [x - y for x, y in zip(a["scores"], b["scores"], strict=True)]
     n = len(gains)
-    mean = sum(gains) / n
-    sd = (sum((g - mean) ** 2 for g in gains) / (n - 1)) ** 0.5 if n > 1 else 0.0
-    sem = sd / n**0.5
+    mean = statistics.fmean(gains)
+    sem = (statistics.stdev(gains) if n > 1 else 0.0) / n**0.5
     won = sum(g > 0 for g in gains)
     two_std = 2 * max(a["std"], b["std"])
     return {

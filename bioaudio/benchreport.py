@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -169,3 +170,21 @@ def interleaved_times(
             if i >= warmup:
                 out[name].append(time.perf_counter() - t)
     return out
+
+
+def run_bioaudio(*args: object, log: Path | None = None, cwd: Path | None = None) -> float:
+    """Run one `bioaudio` command in a child process (printed first; its output appended to
+    `log`, else discarded); SystemExit naming the log when it fails. Returns its wall time (s)."""
+    import shlex
+    import subprocess
+    import sys
+    import time
+
+    cmd = [sys.executable, "-m", "bioaudio", *map(str, args)]
+    print("$", shlex.join(["bioaudio", *cmd[3:]]), flush=True)
+    t = time.perf_counter()
+    with open(log, "a") if log else open(os.devnull, "w") as out:
+        proc = subprocess.run(cmd, cwd=cwd, stdout=out, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        raise SystemExit(f"failed ({proc.returncode}): see {log}")
+    return time.perf_counter() - t
