@@ -114,6 +114,25 @@ def prepare(data: Path, out: Path) -> tuple[Path, pd.DataFrame, pd.DataFrame]:
     return pool, esc, digits
 
 
+def check_variants(variants: list[str], out: Path) -> None:
+    """SystemExit (one line) for an unknown variant, or one that needs a run (its teacher) that
+    neither an earlier variant of the list makes nor `out` already holds."""
+    made: set[str] = set()
+    for variant in variants:
+        if variant not in RECIPES:
+            raise SystemExit(f"--models: unknown variant {variant!r} (known: {', '.join(RECIPES)})")
+        for name, _, flags, _ in RECIPES[variant]:
+            for f in flags:
+                need = f[5:-1] if f.startswith("{run:") else None
+                if need and need not in made and not (out / need / "export").is_dir():
+                    owner = next(v for v, st in RECIPES.items() if any(s[0] == need for s in st))
+                    raise SystemExit(
+                        f"--models {variant} needs the {need} run: list {owner} before it "
+                        f"(e.g. --models {owner},{variant})"
+                    )
+            made.add(name)
+
+
 def pretrain(variant: str, pool: Path, out: Path, args: argparse.Namespace) -> dict:
     """Run the stages of a variant within the budget; returns the last stage's summary (with
     the total wall time and steps of every stage)."""
@@ -265,6 +284,7 @@ def main() -> int:
     if not (args.data / "esc10").is_dir():
         raise SystemExit(f"{args.data} does not hold esc10/, fsdd/, soundscapes/")
     torch.set_num_threads(2)
+    check_variants(args.models.split(","), args.out)
     pool, esc, digits = prepare(args.data, args.out)
     results: dict = {"machine": {"cpu_threads": torch.get_num_threads()}, "models": {}}
     for variant in args.models.split(","):

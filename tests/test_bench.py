@@ -341,3 +341,16 @@ def test_ssl_probe_learning_rate_per_objective():
     assert rates["pretrain_beats_eat_teacher"] == 2e-4
     assert rates["pretrain_eat"] == rates["tokenizer_beats"] == rates["tokenizer_from_eat"] == 1e-3
     assert mod.stage_lr(["--objective", "beats:1"], 5e-4) == 5e-4  # --lr overrides every stage
+
+
+def test_ssl_probe_refuses_variants_missing_their_teacher(tmp_path):
+    spec = importlib.util.spec_from_file_location("ssl_probe", ROOT / "benchmarks/ssl_probe.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.check_variants(["eat", "beats_eat_teacher", "beats", "beats_iter2"], tmp_path)  # fine
+    with pytest.raises(SystemExit, match="list eat before it"):
+        mod.check_variants(["beats_eat_teacher"], tmp_path)
+    with pytest.raises(SystemExit, match="unknown variant 'bogus'"):
+        mod.check_variants(["eat", "bogus"], tmp_path)
+    (tmp_path / "pretrain_beats" / "export").mkdir(parents=True)  # an earlier run of the folder
+    mod.check_variants(["beats_iter2"], tmp_path)
