@@ -56,6 +56,10 @@ RECIPES: dict[str, list[tuple[str, str, list[str], float]]] = {
     "eat": [("pretrain_eat", "eat", [
         "--objective", "eat:1,memory_bank:0.1", "--eat.clone_batch", "8",
         "--eat.ema_decay", "0.999", "--eat.ema_end_decay", "0.9999"], 1.0)],
+    # ablation: the EAT objective alone (no memory-bank term), same budget
+    "eat_no_mb": [("pretrain_eat_no_mb", "eat", [
+        "--objective", "eat:1", "--eat.clone_batch", "8",
+        "--eat.ema_decay", "0.999", "--eat.ema_end_decay", "0.9999"], 1.0)],
     "beats": [("pretrain_beats", "beats", ["--objective", "beats:1,memory_bank:0.1"], 1.0)],
     # iteration 2: a tokenizer distilled from the iteration-1 model, then masked-token
     # prediction against it (the iteration-1 run is the teacher; it has its own budget)
