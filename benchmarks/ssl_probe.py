@@ -261,7 +261,7 @@ def main() -> int:
     parser.add_argument(
         "--models",
         default="eat",
-        help="comma-separated: eat, beats, beats_iter2 (after beats), beats_eat_teacher (after eat)",
+        help="comma-separated: eat, eat_no_mb (EAT without the memory bank), beats, beats_iter2 (after beats), beats_eat_teacher (after eat)",
     )
     parser.add_argument("--minutes", type=float, default=30.0, help="pretraining budget")
     parser.add_argument("--preset", default="small")

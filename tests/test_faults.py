@@ -538,6 +538,48 @@ def test_unreadable_validation_and_test_files_are_skipped_and_listed(tmp_path, c
     assert "skipped 2 unreadable" in stdout
 
 
+@pytest.mark.slow
+def test_two_processes_skip_and_count_unreadable_files_of_every_split(tmp_path):
+    # Under two processes each rank reads its share: a broken training, validation and test file
+    # are skipped wherever they land, listed once in skipped.csv, and left out of the test metrics.
+    import socket
+    import subprocess
+    import sys
+
+    manifest = write_tone_dataset(tmp_path / "data", n_per_class=6)
+    df = pd.read_csv(manifest)
+    df["split"] = [
+        "val" if i % 3 == 0 else "test" if i % 3 == 1 else "train" for i in range(len(df))
+    ]
+    bad = [df["path"][df.index[df["split"] == s][0]] for s in ("train", "val", "test")]
+    for rel in bad:
+        (manifest.parent / rel).write_bytes(b"RIFF" + b"\x07" * 300)
+    df.to_csv(manifest, index=False)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = tmp_path / "runs"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu"]
+    cmd += ["--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no"]
+    cmd += ["--dynamo_backend", "no", "--main_process_port", str(port), "-m", "bioaudio"]
+    cmd += ["train-baseline", str(manifest), "--out", str(out), "--max_steps", "4"]
+    cmd += ["--batch_size", "4", "--clip_seconds", "0.5", "--num_workers", "0", "--no-progress"]
+    cmd += ["--eval_every", "2", *map(str, FRONTEND_FLAGS)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    run = out / "seed_42"
+    assert json.loads((run / "summary.json").read_text())["num_processes"] == 2
+    skipped = pd.read_csv(run / "skipped.csv")
+    assert sorted(Path(p).name for p in skipped["path"]) == sorted(Path(p).name for p in bad)
+    assert skipped["reason"].str.len().gt(0).all()
+    assert json.loads((run / "summary.json").read_text())["skipped_files"] == 3
+    metrics = json.loads((run / "test_metrics.json").read_text())
+    assert metrics["test_skipped_files"] == 1
+    predicted = pd.read_csv(run / "test_predictions.csv")
+    assert len(predicted) == int((df["split"] == "test").sum()) - 1
+    assert Path(bad[2]).name not in set(predicted["path"].map(lambda p: Path(p).name))
+
+
 # ============================================================================ 4. leftovers
 
 

@@ -362,11 +362,16 @@ class AudioDataset(ReaderDataset, Dataset):
     def __len__(self) -> int:
         return len(self._paths)
 
-    def failed_paths(self) -> list[str]:
-        """Files that could not be read so far (in this process and its workers), in row order."""
+    def failed_paths(
+        self, combine: Callable[[torch.Tensor], torch.Tensor] | None = None
+    ) -> list[str]:
+        """Files that could not be read so far (in this process and its workers), in row order.
+        `combine` maps this process's per-row failure flags (bool) to those of every process
+        (e.g. a sum over processes > 0); under several processes each must call it."""
         if self._failed is None:
             return []
-        return list(dict.fromkeys(self._paths[i] for i in torch.nonzero(self._failed).flatten()))
+        flags = combine(self._failed.clone()) if combine is not None else self._failed
+        return list(dict.fromkeys(self._paths[i] for i in torch.nonzero(flags).flatten()))
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         index = int(index)

@@ -162,12 +162,12 @@ def predict(
 
     With `accelerator` the loader is split over its processes and the outputs gathered (every
     process gets all of them); otherwise the model runs on `device` (default: where its weights
-    are). `skip_errors` (single process only) records unreadable items in `errors` instead of
-    raising. The model is left in eval mode.
+    are). `skip_errors` records unreadable items in `errors` (gathered from every process)
+    instead of raising. The model is left in eval mode.
     """
-    if skip_errors and accelerator is not None and accelerator.num_processes > 1:
-        raise ConfigError("predict: skip_errors works in a single process only")
-    if skip_errors and accelerator is not None:  # one process: its device, errors recorded below
+    if skip_errors and isinstance(data, DataLoader):
+        raise ConfigError("predict: skip_errors needs a dataset, not a ready DataLoader")
+    if accelerator is not None and accelerator.num_processes == 1:  # one process: its device
         device, accelerator = accelerator.device, None
     multi = bool(getattr(model, "multi_label", False))
     if isinstance(data, DataLoader):
@@ -181,20 +181,46 @@ def predict(
             collate_fn=collate_batch,
         )
     model.eval()
-    if accelerator is not None:
+    if accelerator is not None:  # several processes
         model.to(accelerator.device)
         loader = accelerator.prepare(loader)
 
+        local_errors: dict[int, str] = {}
+        n_classes = len(getattr(model, "class_names", None) or [])
+
         def fn(batch: dict[str, Any]) -> tuple[Tensor, ...]:
-            out = (probabilities(forward_batch(model, batch), multi), batch["index"])
+            # every process sends the same number of rows (gather_for_metrics counts them): an
+            # unreadable item keeps its row, with zero scores and ok = False, and is dropped below
+            ok = torch.ones(len(batch["index"]), dtype=torch.bool, device=batch["index"].device)
+            if "error" in batch:
+                ok = torch.tensor([not e for e in batch["error"]], device=ok.device)
+                for i, e in zip(batch["index"].tolist(), batch["error"]):
+                    if e:
+                        local_errors[int(i)] = e
+            if bool(ok.all()):
+                scores = probabilities(forward_batch(model, batch), multi)
+            else:
+                scores = torch.zeros(len(ok), n_classes, device=accelerator.device)
+                if bool(ok.any()):
+                    scores[ok] = probabilities(
+                        forward_batch(model, _select(batch, ok.tolist())), multi
+                    )
+            out = (scores, batch["index"], ok)
             return out + ((batch["target"],) if "target" in batch else ())
 
         outs = gather_outputs(loader, accelerator, fn)
         if not outs:
             raise DataError("nothing to predict")
-        scores, index = outs[0].numpy(), outs[1].numpy()
-        targets = outs[2].numpy() if len(outs) > 2 else None
-        return _in_order(scores, targets, index, {})
+        errors: dict[int, str] = {}
+        if skip_errors:
+            from accelerate.utils import gather_object
+
+            for part in gather_object([local_errors]):
+                errors.update(part)
+        ok = outs[2].numpy().astype(bool)
+        scores, index = outs[0].numpy()[ok], outs[1].numpy()[ok]
+        targets = outs[3].numpy()[ok] if len(outs) > 3 else None
+        return _in_order(scores, targets, index, errors)
     dev = torch.device(device) if device is not None else device_of(model)
     model.to(dev)
     scores_l, index_l, target_l, errors = [], [], [], {}

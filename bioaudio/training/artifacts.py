@@ -42,9 +42,8 @@ def write_run_artifacts(
         accelerator=accelerator,
         progress=cfg.progress and accelerator.is_main_process,
         desc="test",
-        # an unreadable test file is left out of the metrics and listed in the run's
-        # skipped.csv (one process; several processes stop on it with its name)
-        skip_errors=accelerator.num_processes == 1,
+        # an unreadable test file is left out of the metrics and listed in the run's skipped.csv
+        skip_errors=True,
     )
     skipped = {str(test_df["path"].iloc[row]): reason for row, reason in clips.errors.items()}
     if len(clips.rows) == 0:

@@ -529,13 +529,14 @@ class Experiment:
         earlier session's; add their count to summary.json."""
         run_dir = self.root / plan.name
         rows = {str(self.df["path"].iloc[i]): r for i, r in sorted(self.unreadable.items())}
+
+        def every_process(flags: torch.Tensor) -> torch.Tensor:  # each marks what it read
+            return acc.reduce(flags.to(acc.device).long(), reduction="sum").cpu() > 0
+
         for ds in datasets:
-            if not isinstance(ds, AudioDataset) or ds._failed is None:
+            if not isinstance(ds, AudioDataset):
                 continue
-            flags = ds._failed
-            if acc.num_processes > 1:  # every process marks what it read: combine them
-                flags = acc.reduce(flags.to(acc.device).long(), reduction="sum").cpu() > 0
-            for path in dict.fromkeys(ds._paths[i] for i in torch.nonzero(flags).flatten()):
+            for path in ds.failed_paths(every_process if acc.num_processes > 1 else None):
                 rows.setdefault(path, decode_failure_reason(path))
         for path, reason in (extra or {}).items():
             rows.setdefault(path, reason)
