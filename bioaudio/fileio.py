@@ -29,6 +29,31 @@ from typing import Any
 
 from bioaudio.errors import ConfigError
 
+# Extensions we try to decode as audio (bioaudio.data.audio reads them; here so that output
+# guards can refuse to write over audio without importing the data layer)
+AUDIO_EXTENSIONS = frozenset(
+    {
+        ".wav",
+        ".wave",
+        ".flac",
+        ".ogg",
+        ".oga",
+        ".mp3",
+        ".aif",
+        ".aiff",
+        ".aifc",
+        ".w64",
+        ".rf64",
+        ".caf",
+        ".opus",
+    }
+)
+
+
+def is_audio_path(path: str | Path) -> bool:
+    """True when the file name has an extension we try to decode."""
+    return Path(path).suffix.lower() in AUDIO_EXTENSIONS and not Path(path).name.startswith("._")
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
@@ -36,7 +61,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     delete it when the block raises. The suffix is kept (writers that pick a format by it)."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{p.stem}.tmp-", suffix=p.suffix, dir=p.parent)
+    _remove_stale(p.parent, rf"^\.{re.escape(p.stem)}\.tmp-", p.suffix, STALE_AFTER_S)
+    prefix = f".{p.stem}.tmp-p{os.getpid()}h{_host_tag()}-"
+    fd, name = tempfile.mkstemp(prefix=prefix, suffix=p.suffix, dir=p.parent)
     os.close(fd)
     tmp = Path(name)
     try:
@@ -98,9 +125,11 @@ def temp_dir_beside(out: str | Path) -> Path:
     """A new empty folder next to `out` (same file system, so the final rename is atomic).
 
     Named `.<name>.tmp-p<pid>h<host>-<random>`, so a later run can tell a folder left by a killed
-    process from one a running process is filling (`remove_stale_temp_dirs`)."""
+    process from one a running process is filling: those are removed first
+    (`remove_stale_temp_dirs`)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_dirs(out)
     prefix = f".{out.name}.tmp-p{os.getpid()}h{_host_tag()}-"
     tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=out.parent))
     _match_umask(tmp, 0o777)
@@ -130,15 +159,27 @@ def remove_stale_temp_dirs(out: str | Path, max_age_s: float = STALE_AFTER_S) ->
     not changed for `max_age_s`. Folders of a running process and anything else are kept.
     Returns the folders removed."""
     out = Path(out)
-    if not out.parent.is_dir():
+    return _remove_stale(out.parent, rf"^\.{re.escape(out.name)}\.tmp-", "", max_age_s)
+
+
+def _remove_stale(parent: Path, head: str, suffix: str, max_age_s: float) -> list[Path]:
+    """Remove the entries of `parent` named `head` + `[p<pid>h<host>-]<random>` + `suffix` that an
+    interrupted write left (`atomic_path` files, `temp_dir_beside` folders), by the rule of
+    `remove_stale_temp_dirs`. Best effort: a folder that cannot be listed is left alone."""
+    if not parent.is_dir():
         return []
-    mine = re.compile(rf"^\.{re.escape(out.name)}\.tmp-(?:p(\d+)h([0-9a-f]{{8}})-)?")
+    mine = re.compile(rf"{head}(?:p(\d+)h([0-9a-f]{{8}})-)?[^/]*{re.escape(suffix)}$")
     removed = []
-    for d in out.parent.iterdir():
-        m = mine.match(d.name)
-        if m is None or not d.is_dir() or d.is_symlink():
+    try:
+        entries = [e for e in os.scandir(parent) if mine.match(e.name)]
+    except OSError:
+        return []
+    for e in entries:
+        d = Path(e.path)
+        if d.is_symlink():
             continue
-        pid, host = m.group(1), m.group(2)
+        m = mine.match(e.name)
+        pid, host = m.group(1), m.group(2)  # type: ignore[union-attr]
         if pid is not None and host == _host_tag():
             stale = not _pid_alive(int(pid))
         else:
@@ -146,9 +187,13 @@ def remove_stale_temp_dirs(out: str | Path, max_age_s: float = STALE_AFTER_S) ->
                 stale = time.time() - d.stat().st_mtime > max_age_s
             except OSError:
                 stale = False
-        if stale:
+        if not stale:
+            continue
+        if d.is_dir():
             shutil.rmtree(d, ignore_errors=True)
-            removed.append(d)
+        else:
+            d.unlink(missing_ok=True)
+        removed.append(d)
     return removed
 
 
@@ -201,8 +246,6 @@ def guard_output(
             same = False
         if same:
             raise ConfigError(f"{flag} {p} is the command's input; refusing to overwrite it{hint}")
-    from bioaudio.data.audio import is_audio_path  # fileio sits below data: imported on use
-
     if is_audio_path(p):
         raise ConfigError(
             f"{flag} {p} is named like an audio file; refusing to write {what} there{hint}"

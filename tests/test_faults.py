@@ -607,6 +607,38 @@ def test_features_removes_stale_temporary_folders(tones, tmp_path, capsys):
     assert not dead.exists() and not old.exists()
 
 
+def test_leftovers_of_killed_writers_are_removed_by_the_next_write(tmp_path, capsys):
+    # Every atomic file write and every export / run-export folder cleans what a killed writer
+    # of the same target left: a dead process's temp files and folders go, a live one's stay.
+    from bioaudio.fileio import _host_tag, write_csv_atomic
+
+    host, dead_pid = _host_tag(), 2**22 + 12345
+    dead_file = tmp_path / f".metrics.tmp-p{dead_pid}h{host}-abc123.csv"
+    live_file = tmp_path / f".metrics.tmp-p{os.getpid()}h{host}-def456.csv"
+    other_kind = tmp_path / f".metrics.tmp-p{dead_pid}h{host}-abc123.json"  # another target
+    for f in (dead_file, live_file, other_kind):
+        f.write_text("half-written")
+    write_csv_atomic(pd.DataFrame({"a": [1]}), tmp_path / "metrics.csv")
+    assert pd.read_csv(tmp_path / "metrics.csv")["a"].tolist() == [1]
+    assert not dead_file.exists() and live_file.exists() and other_kind.exists()
+    assert [p.name for p in tmp_path.glob(".metrics.tmp-*.csv")] == [live_file.name]
+
+    # a run killed while exporting: the next run's export removes the half-written folder
+    manifest = write_tone_dataset(tmp_path / "data", n_per_class=3)
+    out = tmp_path / "runs"
+    stale = out / "seed_42" / f".export.tmp-p{dead_pid}h{host}-zz"
+    stale.mkdir(parents=True)
+    (stale / "model.safetensors").write_bytes(b"\0" * 8)
+    code, _, err = cli(
+        capsys, "train-baseline", manifest, "--out", out, "--max_steps", "2", "--batch_size", "4",
+        "--clip_seconds", "0.5", "--num_workers", "0", "--no-progress", "--eval_every", "0",
+        *FRONTEND_FLAGS,
+    )  # fmt: skip
+    assert code == 0, err
+    assert not stale.exists() and (out / "seed_42" / "export" / "config.json").is_file()
+    assert not list((out / "seed_42").glob(".*tmp*"))
+
+
 # ============================================================================ 5. untrusted checkpoints
 
 

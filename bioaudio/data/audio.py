@@ -23,25 +23,9 @@ import numpy as np
 import soundfile as sf
 
 from bioaudio.errors import AudioDecodeError
+from bioaudio.fileio import AUDIO_EXTENSIONS, atomic_path, is_audio_path  # noqa: F401 (audio API)
 
 DEFAULT_SAMPLE_RATE = 16000
-AUDIO_EXTENSIONS = frozenset(
-    {
-        ".wav",
-        ".wave",
-        ".flac",
-        ".ogg",
-        ".oga",
-        ".mp3",
-        ".aif",
-        ".aiff",
-        ".aifc",
-        ".w64",
-        ".rf64",
-        ".caf",
-        ".opus",
-    }
-)
 
 
 _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]+://")
@@ -82,11 +66,6 @@ def _stat(path: str | Path) -> tuple[bool, bool, int]:
         return True, False, int(fs.size(inner) or 0)
     except (ImportError, ValueError) as e:  # an unknown protocol, a missing backend package
         raise AudioDecodeError(path, f"cannot open this URL ({e})") from e
-
-
-def is_audio_path(path: str | Path) -> bool:
-    """True when the file name has an extension we try to decode."""
-    return Path(path).suffix.lower() in AUDIO_EXTENSIONS and not Path(path).name.startswith("._")
 
 
 @dataclass(frozen=True)
@@ -220,10 +199,9 @@ def save(path: str | Path, x: np.ndarray, sample_rate: int, subtype: str | None 
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     data = x.T if x.ndim == 2 else x
-    tmp = p.with_name(f".{p.stem}.tmp{p.suffix}")
     fmt = {".wav": "WAV", ".flac": "FLAC", ".ogg": "OGG", ".mp3": "MP3"}.get(p.suffix.lower())
-    sf.write(str(tmp), data, sample_rate, subtype=subtype, format=fmt)
-    tmp.replace(p)
+    with atomic_path(p) as tmp:
+        sf.write(str(tmp), data, sample_rate, subtype=subtype, format=fmt)
 
 
 def decode_failure_reason(path: str) -> str:

@@ -68,7 +68,6 @@ from bioaudio.data.stats import apply_stats, resolve_stats
 from bioaudio.errors import AudioDecodeError, ConfigError, DataError
 from bioaudio.fileio import (
     check_writable,
-    remove_stale_temp_dirs,
     replace_dir,
     save_json_atomic,
     temp_dir_beside,
@@ -276,7 +275,6 @@ def build_cache(
     out_dir = out_dir.resolve()
     check_writable(out_dir)
     _check_out(out_dir, cfg.force)
-    remove_stale_temp_dirs(out_dir)  # left by runs that were killed
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_dir_beside(out_dir)
     try:

@@ -31,7 +31,7 @@ from typing import Literal
 import pandas as pd
 import soundfile as sf
 
-from bioaudio.data.audio import AUDIO_EXTENSIONS, AudioInfo, is_audio_path, is_url
+from bioaudio.data.audio import AudioInfo, is_url
 from bioaudio.data.audio import info as audio_info
 from bioaudio.data.labels import (
     Annotation,
@@ -46,7 +46,7 @@ from bioaudio.data.labels import (
     window_labels,
 )
 from bioaudio.errors import AudioDecodeError, ConfigError, DataError
-from bioaudio.fileio import guard_output
+from bioaudio.fileio import AUDIO_EXTENSIONS, guard_output, is_audio_path, write_csv_atomic
 
 __all__ = [
     "COLUMNS",
@@ -168,10 +168,7 @@ def write_manifest(df: pd.DataFrame, path: str | Path) -> Path:
     ordered = [c for c in COLUMNS if c in out.columns] + [
         c for c in out.columns if c not in COLUMNS
     ]
-    tmp = p.with_name(f".{p.name}.tmp")
-    out[ordered].to_csv(tmp, index=False)
-    tmp.replace(p)
-    return p
+    return write_csv_atomic(out[ordered], p)
 
 
 def class_names_of(df: pd.DataFrame) -> list[str]:

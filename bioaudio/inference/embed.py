@@ -30,7 +30,6 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from bioaudio import runinfo, runlog
-from bioaudio.data.audio import is_audio_path
 from bioaudio.data.datasets import segment_windows
 from bioaudio.data.manifest import (
     COLUMNS,
@@ -41,7 +40,7 @@ from bioaudio.data.manifest import (
     scan_audio,
 )
 from bioaudio.errors import ConfigError, DataError
-from bioaudio.fileio import atomic_path, write_csv_atomic
+from bioaudio.fileio import atomic_path, is_audio_path, write_csv_atomic
 from bioaudio.inference.embeddings import (
     EMBEDDINGS_FORMAT,
     EMBEDDINGS_VERSION,

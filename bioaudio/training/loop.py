@@ -56,7 +56,7 @@ from tqdm.auto import tqdm
 from bioaudio import runinfo, runlog
 from bioaudio.config import to_dict
 from bioaudio.errors import BioaudioError, ConfigError, DataError, first_line
-from bioaudio.fileio import replace_dir, save_json_atomic
+from bioaudio.fileio import replace_dir, save_json_atomic, temp_dir_beside
 from bioaudio.training.config import TrainConfig
 from bioaudio.training.feed import FeedMixin
 from bioaudio.training.optim import make_adamw, param_groups
@@ -457,9 +457,7 @@ class Trainer(FeedMixin, StateMixin):
     def _export(self, name: str) -> Path:
         dest = self.out_dir / name
         if self.is_main_process:
-            tmp = self.out_dir / f".{name}.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
+            tmp = temp_dir_beside(dest)  # (removes those that killed runs left)
             self.ctx.parts = self.task_parts
             if not self.task.export(self.unwrapped, tmp, self.ctx):
                 self._default_export(self.unwrapped, tmp)
