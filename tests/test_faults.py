@@ -580,6 +580,34 @@ def test_two_processes_skip_and_count_unreadable_files_of_every_split(tmp_path):
     assert Path(bad[2]).name not in set(predicted["path"].map(lambda p: Path(p).name))
 
 
+def test_an_fsdp_launch_is_a_one_line_error(tmp_path):
+    # `accelerate launch --use_fsdp`: refused before any work (without a GPU Accelerate itself
+    # cannot start FSDP; with one, the toolkit refuses it), one line per process, no traceback
+    import socket
+    import subprocess
+    import sys
+
+    manifest = write_tone_dataset(tmp_path / "data", n_per_class=2)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--use_fsdp", "--num_processes"]
+    cmd += ["2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    cmd += ["--main_process_port", str(port), "-m", "bioaudio", "train-baseline", str(manifest)]
+    cmd += ["--out", str(tmp_path / "runs"), "--max_steps", "1", "--batch_size", "2"]
+    cmd += ["--no-progress", *map(str, FRONTEND_FLAGS)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert res.returncode != 0
+    ours = [line for line in res.stderr.splitlines() if line.startswith("bioaudio train")]
+    assert 1 <= len(ours) <= 2, res.stderr[-3000:]  # the launcher may stop one first
+    assert all(line.startswith("bioaudio train-baseline: error: ") for line in ours)
+    assert all("FSDP" in line for line in ours)
+    assert 'File "' not in "\n".join(
+        line for line in res.stderr.splitlines() if "bioaudio/" in line
+    ), res.stderr[-3000:]  # no traceback through our code
+    assert not (tmp_path / "runs" / "seed_42" / "state").exists()
+
+
 # ============================================================================ 4. leftovers
 
 

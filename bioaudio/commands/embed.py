@@ -28,6 +28,7 @@ import argparse
 from pathlib import Path
 
 from bioaudio.config import add_options, config_from_args
+from bioaudio.distributed import start_accelerator
 from bioaudio.inference.embed import EmbedConfig, embed_to_parquet
 
 
@@ -47,9 +48,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(EmbedConfig, args)
     source = Path(args.input).expanduser()
     out = args.out or Path.cwd() / f"embeddings_{source.stem or source.name}.parquet"
-    from accelerate import Accelerator
-
-    accelerator = Accelerator(cpu=cfg.device().type == "cpu")
+    accelerator = start_accelerator(cpu=cfg.device().type == "cpu")
     result = embed_to_parquet(args.model, source, out, cfg, accelerator=accelerator)
     if accelerator.is_main_process:
         print(result.summary())

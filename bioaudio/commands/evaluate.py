@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from bioaudio.config import add_options, config_from_args
+from bioaudio.distributed import start_accelerator
 from bioaudio.inference.evaluate import EvaluateOptions, evaluate
 
 
@@ -37,9 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(EvaluateOptions, args)
-    from accelerate import Accelerator
-
-    accelerator = Accelerator(cpu=cfg.device().type == "cpu")
+    accelerator = start_accelerator(cpu=cfg.device().type == "cpu")
     try:
         record = evaluate(args.model, args.manifest, cfg, accelerator=accelerator)
     finally:

@@ -42,7 +42,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from accelerate import Accelerator
 from accelerate.utils import (
     DistributedDataParallelKwargs,
     ProjectConfiguration,
@@ -55,6 +54,7 @@ from tqdm.auto import tqdm
 
 from bioaudio import runinfo, runlog
 from bioaudio.config import to_dict
+from bioaudio.distributed import start_accelerator
 from bioaudio.errors import BioaudioError, ConfigError, DataError, first_line
 from bioaudio.fileio import replace_dir, save_json_atomic, temp_dir_beside
 from bioaudio.training.config import TrainConfig
@@ -134,7 +134,7 @@ class Trainer(FeedMixin, StateMixin):
         use_cpu = cfg.cpu or not has_gpu
         self.precision = self._resolve_precision(cfg.precision, use_cpu)
         log_with = self._tracker(cfg.report_to)
-        self.accelerator = Accelerator(
+        self.accelerator = start_accelerator(
             cpu=use_cpu,
             mixed_precision={"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[self.precision],
             log_with=log_with,
