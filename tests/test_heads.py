@@ -146,3 +146,51 @@ def test_bad_head_configs():
     assert model.head_cfg.num_classes == 2 and model.class_names == ["a", "b"]
     with pytest.raises(ConfigError, match="pooling must be"):
         model.embed(torch.zeros(1, 16000), pooling="lin_softmax")
+
+
+def test_standardize_uses_the_valid_vectors_of_the_batch_then_their_running_statistics():
+    from bioaudio.models.heads import Standardize
+
+    g = torch.Generator().manual_seed(1)
+    data = 3.0 + 2.5 * torch.randn(12, 5, 4, generator=g)  # 12 clips of 5 tokens, D = 4
+    mask = torch.zeros(12, 5, dtype=torch.bool)
+    mask[:, 3:] = True  # two padding tokens per clip ...
+    data[mask] = 1e6  # ... holding garbage that must never count
+    std = Standardize(4).train()
+    for batch in (slice(0, 4), slice(4, 8), slice(8, 12)):  # one epoch, equal batches
+        y = std(data[batch], mask[batch])
+        valid = y[~mask[batch]]
+        torch.testing.assert_close(valid.mean(0), torch.zeros(4), atol=1e-5, rtol=0)
+        torch.testing.assert_close(valid.var(0, unbiased=False), torch.ones(4), atol=1e-3, rtol=0)
+    # running statistics: the cumulative average of the batch statistics (= the data's mean)
+    valid = data[~mask]
+    torch.testing.assert_close(std.running_mean, valid.mean(0), atol=1e-4, rtol=1e-5)
+    batch_vars = [data[s][~mask[s]].var(0) for s in (slice(0, 4), slice(4, 8), slice(8, 12))]
+    torch.testing.assert_close(std.running_var, torch.stack(batch_vars).mean(0))
+    std.eval()  # evaluation: by the running statistics, whatever the batch
+    one = std(data[:1, :3])
+    torch.testing.assert_close(
+        one, (data[:1, :3] - std.running_mean) / torch.sqrt(std.running_var + std.eps)
+    )
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls", "lin_softmax", "attention"])
+def test_a_standardizing_head_survives_export_and_load(pooling, tmp_path):
+    from bioaudio.models.checkpoint import load_model, save_export
+
+    torch.manual_seed(0)
+    head = HeadConfig(pooling, 3, standardize=True)
+    model = build_model("eat", "tiny", head=head, class_names=["a", "b", "c"])
+    wav, pad = _batch()
+    model.train()
+    for _ in range(3):  # the standardisation learns its statistics in training mode
+        model(wav, pad)
+    model.eval()
+    assert int(model.head.standardize.num_batches_tracked) == 3
+    with torch.no_grad():
+        before = model(wav, pad)
+    save_export(model, tmp_path / "m")
+    loaded = load_model(tmp_path / "m").eval()
+    assert loaded.head.cfg.standardize
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(wav, pad), before)

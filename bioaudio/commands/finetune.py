@@ -10,7 +10,8 @@ Prediction modes (the official ones, plus attentive pooling):
   ATTENTION     class-wise attentive pooling of the tokens
   auto          CLS_TOKEN for encoders with a CLS (EAT), MEAN_POOLING otherwise
 
---linear_probe freezes the encoder and trains only the head on encoder outputs computed once;
+--linear_probe freezes the encoder and trains only the head on encoder outputs computed once,
+standardised per feature by the training data's statistics (MAE's recipe; --no-standardize);
 otherwise the whole model trains with layer-wise learning-rate decay (--layer_decay), drop path,
 no weight decay on norms, biases and tokens, optional mixup / SpecAugment / label smoothing.
 Multi-class (cross-entropy) or multi-label (BCE) is read from the labels.
@@ -58,6 +59,14 @@ class FinetuneConfig(LoopOptions, EncoderRunOptions, ExperimentOptions):
     )
     linear_probe: bool = field(
         default=False, metadata={"help": "freeze the encoder; train the head on cached outputs"}
+    )
+    standardize: bool | None = field(
+        default=None,
+        metadata={
+            "help": "standardise the head's input features by the training data's statistics "
+            "(BatchNorm without affine, MAE's linear-probe recipe); default: on for "
+            "--linear_probe, off for full finetuning"
+        },
     )
     lr: float = field(default=1e-4, metadata={"help": "peak learning rate (of the head)"})
     warmup_steps: int | None = field(
@@ -144,6 +153,7 @@ def build_experiment(manifest: Path, cfg: FinetuneConfig) -> Experiment:
             pooling=MODES[mode],  # type: ignore[arg-type]
             num_classes=len(class_names),
             norm=mode == "CLS_TOKEN",
+            standardize=cfg.linear_probe if cfg.standardize is None else cfg.standardize,
             dropout=cfg.head_dropout,
         )
         model.set_head(head, class_names, multi_label)

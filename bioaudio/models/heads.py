@@ -16,7 +16,8 @@ Poolings (`HeadConfig.pooling`, also `pool_tokens` / `AudioModel.embed`):
   probability and BCE-with-logits / cross-entropy losses apply unchanged.
 - `attention`: class-wise attentive pooling: logits_c = sum_t softmax_t(a_c . x_t) (w_c . x_t).
 
-`ClassifierHead` (cls / mean / max) = pool -> optional LayerNorm -> dropout -> Linear. It also
+`ClassifierHead` (cls / mean / max) = pool -> optional LayerNorm -> optional standardisation
+(`HeadConfig.standardize`, what linear probes use) -> dropout -> Linear. It also
 expresses the official finetuned heads: EAT = CLS -> LayerNorm (`fc_norm`) -> Linear; BEATs =
 Linear on every token, masked mean over tokens (= Linear of the masked token mean), then sigmoid.
 """
@@ -48,6 +49,13 @@ class HeadConfig:
         default=False, metadata={"help": "LayerNorm on the pooled vector before the classifier"}
     )
     norm_eps: float = field(default=1e-5, metadata={"help": "epsilon of that LayerNorm"})
+    standardize: bool = field(
+        default=False,
+        metadata={
+            "help": "standardise each feature by the training data's mean and std before the "
+            "classifier (a BatchNorm without affine: the linear-probe recipe of MAE)"
+        },
+    )
     dropout: float = field(default=0.0, metadata={"help": "dropout before the classifier"})
 
     def validate(self) -> None:
@@ -97,24 +105,64 @@ def pool_tokens(out: EncoderOutput, pooling: str) -> torch.Tensor:
     raise ConfigError(f"unknown pooling {pooling!r} for an embedding (use one of {EMBED_POOLINGS})")
 
 
+class Standardize(nn.Module):
+    """Per-feature standardisation, a BatchNorm without affine parameters that ignores padding:
+    in training, by the statistics of the batch's valid vectors (their cumulative average kept
+    as running statistics); in evaluation, by those running statistics. Input (B, D), or
+    (B, N, D) with an optional (B, N) padding mask (True = padding)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("running_mean", torch.zeros(dim))
+        self.register_buffer("running_var", torch.ones(dim))
+        self.register_buffer("num_batches_tracked", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if not self.training:
+            return (x - self.running_mean) * torch.rsqrt(self.running_var + self.eps)
+        flat = x.reshape(-1, x.shape[-1]).float()
+        if padding_mask is not None and x.dim() == 3:
+            flat = flat[~padding_mask.reshape(-1)]
+        if flat.shape[0] < 2:  # too few vectors for a variance: the running statistics
+            return (x - self.running_mean) * torch.rsqrt(self.running_var + self.eps)
+        mean, var = flat.mean(0), flat.var(0, unbiased=False)
+        with torch.no_grad():
+            n = int(self.num_batches_tracked) + 1
+            self.running_mean += (mean.detach() - self.running_mean) / n
+            unbiased = var.detach() * flat.shape[0] / (flat.shape[0] - 1)
+            self.running_var += (unbiased - self.running_var) / n
+            self.num_batches_tracked += 1
+        return ((x.float() - mean) * torch.rsqrt(var + self.eps)).to(x.dtype)
+
+
 class _LinearHead(nn.Module):
-    """Optional LayerNorm -> dropout -> Linear (embed_dim -> classes), the part every head has."""
+    """Optional LayerNorm -> optional standardisation -> dropout -> Linear (embed_dim ->
+    classes), the part every head has."""
 
     def __init__(self, cfg: HeadConfig, embed_dim: int):
         super().__init__()
         self.cfg = cfg
         self.norm = nn.LayerNorm(embed_dim, eps=cfg.norm_eps) if cfg.norm else nn.Identity()
+        self.standardize = Standardize(embed_dim) if cfg.standardize else None
         self.dropout = nn.Dropout(cfg.dropout)
         self.fc = nn.Linear(embed_dim, cfg.num_classes)
         nn.init.trunc_normal_(self.fc.weight, std=0.02)
         nn.init.zeros_(self.fc.bias)
+
+    def features(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """What the classifier sees: norm -> standardisation -> dropout."""
+        x = self.norm(x)
+        if self.standardize is not None:
+            x = self.standardize(x, padding_mask)
+        return self.dropout(x)
 
 
 class ClassifierHead(_LinearHead):
     """Pool (cls / mean / max) -> optional LayerNorm -> dropout -> Linear: logits (B, C)."""
 
     def forward(self, out: EncoderOutput) -> torch.Tensor:
-        return self.fc(self.dropout(self.norm(pool_tokens(out, self.cfg.pooling))))
+        return self.fc(self.features(pool_tokens(out, self.cfg.pooling)))
 
 
 class LinSoftmaxHead(_LinearHead):
@@ -123,7 +171,7 @@ class LinSoftmaxHead(_LinearHead):
     eps = 1e-6
 
     def forward(self, out: EncoderOutput) -> torch.Tensor:
-        z = self.fc(self.dropout(self.norm(out.tokens))).float()  # (B, N, C), pooled in fp32
+        z = self.fc(self.features(out.tokens, out.padding_mask)).float()  # (B, N, C), fp32 pool
         p = torch.sigmoid(z)
         w = _valid(p, out.padding_mask)
         clip = (p * p * w).sum(1) / (p * w).sum(1).clamp_min(self.eps)
@@ -141,7 +189,7 @@ class AttentionHead(_LinearHead):
         nn.init.zeros_(self.att.bias)
 
     def forward(self, out: EncoderOutput) -> torch.Tensor:
-        x = self.dropout(self.norm(out.tokens))
+        x = self.features(out.tokens, out.padding_mask)
         scores = self.att(x).float()  # (B, N, C)
         if out.padding_mask is not None:
             scores = scores.masked_fill(out.padding_mask[..., None], torch.finfo(scores.dtype).min)
