@@ -95,6 +95,18 @@ def _reason(e: Exception) -> str:
 def info(path: str | Path) -> AudioInfo:
     """Read the header of an audio file (a path or an fsspec URL). Raises AudioDecodeError for
     missing, empty or corrupt files."""
+    p = _checked(path)
+    try:
+        with _opened(p) as src:
+            i = sf.info(src)
+    except Exception as e:  # soundfile raises LibsndfileError, RuntimeError, TypeError...
+        raise AudioDecodeError(p, _reason(e)) from e
+    _check_header(p, i.samplerate, i.frames)
+    return AudioInfo(str(p), int(i.samplerate), int(i.frames), int(i.channels), i.format, i.subtype)
+
+
+def _checked(path: str | Path) -> str | Path:
+    """The path (a str for a URL); AudioDecodeError when it is missing, a folder or empty."""
     p = str(path) if is_url(path) else Path(path)
     exists, is_dir, size = _stat(p)
     if not exists:
@@ -103,16 +115,14 @@ def info(path: str | Path) -> AudioInfo:
         raise AudioDecodeError(p, "is a directory")
     if size == 0:
         raise AudioDecodeError(p, "empty file (0 bytes)")
-    try:
-        with _opened(p) as src:
-            i = sf.info(src)
-    except Exception as e:  # soundfile raises LibsndfileError, RuntimeError, TypeError...
-        raise AudioDecodeError(p, _reason(e)) from e
-    if i.samplerate <= 0:
-        raise AudioDecodeError(p, f"invalid sample rate {i.samplerate}")
-    if i.frames <= 0:
+    return p
+
+
+def _check_header(p: str | Path, sample_rate: int, frames: int) -> None:
+    if sample_rate <= 0:
+        raise AudioDecodeError(p, f"invalid sample rate {sample_rate}")
+    if frames <= 0:
         raise AudioDecodeError(p, "no audio frames (zero-length)")
-    return AudioInfo(str(p), int(i.samplerate), int(i.frames), int(i.channels), i.format, i.subtype)
 
 
 def to_mono(x: np.ndarray) -> np.ndarray:
@@ -149,27 +159,32 @@ def load(
     rate. A window past the end of the file is returned short (callers pad); seeking means a
     10-second window of a 10-hour FLAC costs about as much as a 10-second file.
     """
-    meta = info(path)
-    sr = meta.sample_rate
+    p = _checked(path)
     if offset < 0 or (duration is not None and duration <= 0):
-        raise AudioDecodeError(path, f"invalid window offset={offset} duration={duration}")
-    start = int(round(offset * sr))
-    if start >= meta.frames:
-        raise AudioDecodeError(path, f"offset {offset:.3f}s is past the end ({meta.duration:.3f}s)")
-    n = (
-        meta.frames - start
-        if duration is None
-        else min(int(math.ceil(duration * sr)), meta.frames - start)
-    )
-    try:
-        with _opened(path) as src, sf.SoundFile(src) as f:
+        raise AudioDecodeError(p, f"invalid window offset={offset} duration={duration}")
+    try:  # one open for the header and the samples (a window read costs one open, not two)
+        with _opened(p) as src, sf.SoundFile(src) as f:
+            sr, frames = int(f.samplerate), int(f.frames)
+            _check_header(p, sr, frames)
+            start = int(round(offset * sr))
+            if start >= frames:
+                raise AudioDecodeError(
+                    p, f"offset {offset:.3f}s is past the end ({frames / sr:.3f}s)"
+                )
+            n = (
+                frames - start
+                if duration is None
+                else min(int(math.ceil(duration * sr)), frames - start)
+            )
             if start:
                 f.seek(start)
             data = f.read(n, dtype="float32", always_2d=True)
-    except Exception as e:
-        raise AudioDecodeError(path, _reason(e)) from e
+    except AudioDecodeError:
+        raise
+    except Exception as e:  # soundfile raises LibsndfileError, RuntimeError, TypeError...
+        raise AudioDecodeError(p, _reason(e)) from e
     if data.shape[0] == 0:
-        raise AudioDecodeError(path, "decoded no samples")
+        raise AudioDecodeError(p, "decoded no samples")
     if not np.isfinite(data).all():
         data = np.nan_to_num(data, nan=0.0, posinf=1.0, neginf=-1.0)
     if mono:
