@@ -142,9 +142,12 @@ class EATAttention(nn.Module):
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
         b, n, d = x.shape
         h = self.num_heads
-        qkv = self.qkv(x).view(b, n, 3, h, d // h).permute(2, 0, 3, 1, 4)  # (3, B, H, N, hd)
+        # q, k, v as chunks of the last dim (the fused layout [3, H, hd]), each (B, H, N, hd):
+        # the backward concatenates the three gradients in one pass, where indexing a permuted
+        # (3, B, H, N, hd) view wrote each into a zeroed copy of the whole qkv, then summed
+        q, k, v = (t.view(b, n, h, d // h).transpose(1, 2) for t in self.qkv(x).split(d, -1))
         drop = self.attn_drop if self.training else 0.0
-        out = attention(qkv[0], qkv[1], qkv[2], attn_mask, drop)  # (B, H, N, hd)
+        out = attention(q, k, v, attn_mask, drop)  # (B, H, N, hd)
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, n, d)))
 
 
