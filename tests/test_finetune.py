@@ -193,3 +193,16 @@ def test_a_baseline_export_is_not_finetuned(tones, tmp_path, capsys):
     code, _, err = cli(capsys, tones, "--model_path", base / "seed_42" / "export",
                        "--out", tmp_path / "ft", *QUICK)  # fmt: skip
     assert code == 2 and "without a transformer encoder" in err
+
+
+def test_the_default_learning_rate_follows_what_trains():
+    # only the head trains in a linear probe: 1e-3; a whole encoder: 1e-4; a given --lr stays
+    from bioaudio.commands.finetune import FinetuneConfig
+
+    full = FinetuneConfig(model_path=Path("m"))
+    full.validate()
+    probe = FinetuneConfig(model_path=Path("m"), linear_probe=True)
+    probe.validate()
+    given = FinetuneConfig(model_path=Path("m"), linear_probe=True, lr=5e-3)
+    given.validate()
+    assert (full.lr, probe.lr, given.lr) == (1e-4, 1e-3, 5e-3)

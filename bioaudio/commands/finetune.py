@@ -68,7 +68,13 @@ class FinetuneConfig(LoopOptions, EncoderRunOptions, ExperimentOptions):
             "--linear_probe, off for full finetuning"
         },
     )
-    lr: float = field(default=1e-4, metadata={"help": "peak learning rate (of the head)"})
+    lr: float | None = field(  # type: ignore[assignment]
+        default=None,
+        metadata={
+            "help": "peak learning rate (of the head; layer-wise decayed below it); default: "
+            "1e-4 for full finetuning, 1e-3 for --linear_probe (only the head trains)"
+        },
+    )
     warmup_steps: int | None = field(
         default=None, metadata={"help": "linear warmup steps; unset: a tenth of the steps"}
     )
@@ -95,6 +101,8 @@ class FinetuneConfig(LoopOptions, EncoderRunOptions, ExperimentOptions):
     )
 
     def validate(self) -> None:
+        if self.lr is None:
+            self.lr = 1e-3 if self.linear_probe else 1e-4
         if self.model_path is None:
             raise ConfigError("--model_path is required (an export or an official checkpoint)")
         if not 0 < self.layer_decay <= 1:
