@@ -351,3 +351,19 @@ def test_overwrite_and_changed_settings(models, data_dir, tmp_path, capsys):
     foreign.write_text("a csv, really")
     assert main([*cmd[:4], str(foreign), *ARGS, "--overwrite"]) == 0
     assert json.loads(pq.read_schema(foreign).metadata[b"bioaudio"])["embedding_dim"] == 64
+
+
+def test_a_model_that_embeds_nan_is_a_clear_error_and_writes_nothing(data_dir, tmp_path, capsys):
+    # finite but blown-up weights (what a diverged run exports) give NaN embeddings: refused,
+    # no Parquet file claiming success
+    torch.manual_seed(0)
+    model = build_model("eat", encoder="tiny")
+    with torch.no_grad():
+        model.encoder.blocks[0].mlp.fc1.weight.mul_(1e30)
+        model.encoder.blocks[0].mlp.fc2.weight.mul_(1e30)
+    path = save_export(model, tmp_path / "blown")
+    out = tmp_path / "e.parquet"
+    assert main(["embed", str(path), str(data_dir), "--out", str(out), *ARGS]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("bioaudio embed: error: ") and "\n" not in err, err
+    assert "not finite" in err and not out.exists()

@@ -459,3 +459,11 @@ def test_numba_cache_dir_is_persistent(monkeypatch, tmp_path):
     assert projections.ensure_numba_cache() == tmp_path / "mine"  # a set one is kept
     monkeypatch.undo()
     projections.ensure_numba_cache()  # numba back on the real cache for later tests
+
+
+@pytest.mark.parametrize("method", ["pca", "umap", "tsne"])
+def test_embeddings_with_nan_are_a_one_line_refusal(method):
+    X = np.random.default_rng(0).normal(size=(30, 8)).astype(np.float32)
+    X[4, 2] = np.nan
+    with pytest.raises(ConfigError, match="1 of 30 embedding"):
+        projections.fit_projection(X, method, perplexity=5, n_neighbors=5)

@@ -60,3 +60,15 @@ def test_plots_write_pngs(tmp_path):
     ]:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(tmp_path.glob(".*"))
+
+
+@pytest.mark.parametrize("multi_label", [False, True])
+def test_non_finite_scores_are_a_clear_error_not_a_metric(multi_label):
+    from bioaudio.errors import DataError
+    from bioaudio.inference.metrics import classification_report
+
+    scores = np.full((4, 3), 1 / 3)
+    scores[2, 1] = np.nan  # what a diverged model predicts
+    targets = np.eye(3)[[0, 1, 2, 0]] if multi_label else np.array([0, 1, 2, 0])
+    with pytest.raises(DataError, match="not finite .* for 1 of 4 clip"):
+        classification_report(scores, targets, ["a", "b", "c"], multi_label)

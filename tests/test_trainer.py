@@ -298,6 +298,20 @@ def test_divergence_stops_with_state_and_export(tmp_path):
     assert_same_weights(weights(tmp_path), task.snapshots[3], atol=0)  # last good weights
 
 
+def test_a_run_that_ends_on_non_finite_steps_diverged(tmp_path):
+    # fewer bad steps than --max_bad_steps, but the last ones: not a finished model
+    cfg = make_cfg(tmp_path, max_steps=6, max_bad_steps=10, eval_every=0, save_every=0)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    trainer, task, _ = build(cfg, ToyOptions(nan_steps="5-", n_eval=0))
+    with pytest.raises(DivergenceError, match="ended on 2 non-finite step") as e:
+        trainer.fit()
+    assert "\n" not in str(e.value)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "diverged" and summary["bad_steps"] == 2
+    assert_same_weights(weights(tmp_path), task.snapshots[4], atol=0)  # last good weights
+
+
 def test_bf16_autocast_on_cpu(tmp_path):
     seen = {}
     for precision in ("fp32", "bf16"):

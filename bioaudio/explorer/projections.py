@@ -127,6 +127,12 @@ def fit_projection(
 ) -> Projection:
     """Fit a `dims`-D map of `X` (N, D) with PCA, UMAP or t-SNE."""
     X = np.ascontiguousarray(X, dtype=np.float32)
+    bad = ~np.isfinite(X).all(axis=1)
+    if bad.any():
+        raise ConfigError(
+            f"{int(bad.sum())} of {len(X)} embedding(s) hold NaN / inf values (a broken model "
+            "or file); they cannot be mapped"
+        )
     check_params(method, len(X), dims, perplexity, n_neighbors, min_dist)
     from threadpoolctl import threadpool_limits
 

@@ -134,6 +134,12 @@ def classification_report(
     scores, targets = np.asarray(scores)[keep], np.asarray(targets)[keep]
     if len(targets) == 0:
         raise DataError("no labelled clips to score")
+    bad = ~np.isfinite(np.asarray(scores, dtype=np.float64)).all(axis=1)
+    if bad.any():
+        raise DataError(
+            f"the model's scores are not finite (NaN / inf) for {int(bad.sum())} of "
+            f"{len(bad)} clip(s): its weights are broken (a diverged training run?)"
+        )
     if multi_label:
         out = multi_label_metrics(targets, scores, class_names)
     else:

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from bioaudio.config import to_dict
 from bioaudio.data.datasets import collate_batch, unlabelled_clips
-from bioaudio.errors import AudioDecodeError, CheckpointError, ConfigError
+from bioaudio.errors import AudioDecodeError, CheckpointError, ConfigError, DataError
 from bioaudio.inference.predict import device_of, run_export
 from bioaudio.models.baselines import BaselineClassifier
 from bioaudio.models.checkpoint import is_export_dir, load_model
@@ -308,8 +308,13 @@ def iter_file_embeddings(
             done[i] = True
         if batch is not None:
             idx = batch["index"].numpy()
-            out = embedder(batch["wav"].to(dev), batch["padding_mask"].to(dev))
-            emb[idx] = out.cpu().numpy()
+            out = embedder(batch["wav"].to(dev), batch["padding_mask"].to(dev)).cpu().numpy()
+            if not np.isfinite(out).all():  # a broken model, not a broken file: stop, say so
+                raise DataError(
+                    f"the model's embeddings are not finite (NaN / inf) for {paths[idx[0]]}: "
+                    "its weights are broken (a diverged training run?)"
+                )
+            emb[idx] = out
             done[idx] = True
             if on_audio is not None:
                 on_audio(float(fresh[idx].sum()))

@@ -595,10 +595,15 @@ class Trainer(FeedMixin, StateMixin):
         self._t0 = self._session_t0 = time.perf_counter()
         self._session_loop_s = 0.0
         self._session_start_step = self.step
-        status, error = "completed", None
+        status, error, ended_bad = "completed", None, False
         previous = self._install_signal_handlers()
         try:
             status = self._loop()
+            # A run that ends on non-finite steps diverged, however few (a short run, or one
+            # blown up by its last updates): its last losses say the model is not trained.
+            ended_bad = status == "completed" and self.consecutive_bad > 0
+            if ended_bad:
+                status = "diverged"
             # A run whose weights went NaN / inf (steps skipped too rarely to trip the guard)
             # must not export them as a finished model.
             self._finite_weights = self._weights_finite()
@@ -620,6 +625,10 @@ class Trainer(FeedMixin, StateMixin):
             error = (
                 f"training diverged: {self.consecutive_bad} non-finite steps in a row up to step "
                 f"{self.step} (--max_bad_steps {cfg.max_bad_steps}); state saved in {state}"
+                if self._finite_weights and not ended_bad
+                else f"training diverged: it ended on {self.consecutive_bad} non-finite step(s) "
+                f"in a row (up to step {self.step}); the export holds the last good step's "
+                f"weights, state saved in {state}"
                 if self._finite_weights
                 else f"training diverged: non-finite weights (NaN / inf) at step {self.step}, "
                 f"not exported; state saved in {state}"
