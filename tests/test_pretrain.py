@@ -218,3 +218,28 @@ def test_checkpoint_of_another_model_type_is_refused(official_fixtures, demo, tm
                        "--model_path", official_fixtures / "eat_tiny_fairseq.pt")  # fmt: skip
     assert code == 2 and "holds a eat checkpoint" in err
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_files_that_break_after_prepare_are_skipped_and_listed(demo, tmp_path, capsys):
+    # a manifest made before two of its files broke (one deleted, one overwritten with noise):
+    # the run trains on the rest and its skipped.csv names both, with their reasons
+    import shutil
+
+    import pandas as pd
+
+    data = tmp_path / "unl"
+    shutil.copytree(demo / "unlabelled", data)
+    manifest = tmp_path / "m.csv"
+    assert main(["prepare", str(data), "--labels", "none", "--out", str(manifest),
+                 "--no-progress"]) == 0  # fmt: skip
+    capsys.readouterr()
+    paths = [manifest.parent / p for p in pd.read_csv(manifest)["path"]]  # relative to it
+    gone, garbage = paths[0], paths[1]
+    gone.unlink()
+    garbage.write_bytes(b"RIFF" + bytes(range(256)) * 40)
+    code, out, err = cli(capsys, manifest, "--out", tmp_path / "run", *TINY, "--max_steps", "6")
+    assert code == 0, err
+    skipped = pd.read_csv(tmp_path / "run" / "skipped.csv")
+    assert {Path(p).name for p in skipped["path"]} == {gone.name, garbage.name}
+    assert skipped["reason"].str.len().gt(0).all()
+    assert "could not be read during training" in out

@@ -477,4 +477,41 @@ def pretrain(data: Path, cfg: PretrainOptions, say: Any = print) -> dict[str, An
             say(f"note: {note}")
         if len(pdata.skipped):
             say(f"note: {len(pdata.skipped)} file(s) skipped, reasons in {cfg.out / 'skipped.csv'}")
-    return trainer.fit()
+    summary = trainer.fit()
+    _list_unreadable(trainer, dataset, pdata.skipped, cfg.out / "skipped.csv", say)
+    return summary
+
+
+def _list_unreadable(trainer: Any, dataset: Any, skipped: Any, csv: Path, say: Any) -> None:
+    """Add the files that failed to decode during training (read by any process or worker,
+    this session or an earlier one of a resumed run) to the run's skipped.csv, and say so."""
+    import pandas as pd
+
+    from bioaudio.data.audio import decode_failure_reason
+    from bioaudio.fileio import write_csv_atomic
+
+    acc = trainer.accelerator
+
+    def every_process(flags: torch.Tensor) -> torch.Tensor:
+        return acc.reduce(flags.to(acc.device).long(), reduction="sum").cpu() > 0
+
+    failed = dataset.clips.failed_paths(every_process if acc.num_processes > 1 else None)
+    if not trainer.is_main_process:
+        return
+    rows = {str(p): str(r) for p, r in zip(skipped["path"], skipped["reason"])}
+    before = len(rows)
+    if csv.is_file():  # a resumed run: what its earlier sessions could not read still counts
+        try:
+            old = pd.read_csv(csv, dtype=str).fillna("")
+            rows.update({p: r for p, r in zip(old["path"], old["reason"]) if p not in rows})
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, KeyError):
+            pass
+    for path in failed:
+        rows.setdefault(path, decode_failure_reason(path))
+    if len(rows) > before:
+        table = pd.DataFrame(list(rows.items()), columns=["path", "reason"])
+        write_csv_atomic(table, csv)
+        say(
+            f"note: {len(rows) - before} file(s) could not be read during training and were "
+            f"skipped; {len(rows)} in all listed in {csv}"
+        )
