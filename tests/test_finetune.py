@@ -206,3 +206,25 @@ def test_the_default_learning_rate_follows_what_trains():
     given = FinetuneConfig(model_path=Path("m"), linear_probe=True, lr=5e-3)
     given.validate()
     assert (full.lr, probe.lr, given.lr) == (1e-4, 1e-3, 5e-3)
+
+
+def test_linear_probe_skips_and_lists_files_that_break_after_prepare(encoders, tmp_path, capsys):
+    # full finetuning already skips them; the probe's encode-once pass must too (it stopped on
+    # the first unreadable file)
+    manifest = write_tone_dataset(tmp_path / "data", n_per_class=6)
+    df = pd.read_csv(manifest)
+    df["split"] = ["val" if i % 4 == 0 else "test" if i % 4 == 1 else "train"
+                   for i in range(len(df))]  # fmt: skip
+    bad = [df["path"][df.index[df["split"] == s][0]] for s in ("train", "val")]
+    for rel in bad:
+        (manifest.parent / rel).write_bytes(b"RIFF" + b"\x05" * 300)
+    df.to_csv(manifest, index=False)
+    out = tmp_path / "runs"
+    code, _, err = cli(capsys, manifest, "--model_path", encoders["eat"], "--linear_probe",
+                       "--out", out, *QUICK)  # fmt: skip
+    assert code == 0, err
+    run = next(out.glob("seed_*"))
+    skipped = pd.read_csv(run / "skipped.csv")
+    assert sorted(Path(p).name for p in skipped["path"]) == sorted(Path(p).name for p in bad)
+    assert skipped["reason"].str.len().gt(0).all()
+    assert json.loads((run / "test_metrics.json").read_text())["n"] > 0

@@ -529,6 +529,11 @@ class Experiment:
         earlier session's; add their count to summary.json."""
         run_dir = self.root / plan.name
         rows = {str(self.df["path"].iloc[i]): r for i, r in sorted(self.unreadable.items())}
+        if self.encoder_cache is not None:  # linear probe: windows that could not be encoded
+            mine = set(self.df["path"].iloc[np.r_[plan.train, plan.val]].astype(str))
+            for (path, _, _), reason in self.encoder_cache.failed.items():
+                if path in mine:
+                    rows.setdefault(path, reason)
 
         def every_process(flags: torch.Tensor) -> torch.Tensor:  # each marks what it read
             return acc.reduce(flags.to(acc.device).long(), reduction="sum").cpu() > 0
@@ -722,6 +727,11 @@ class Experiment:
                 continue
             windows = segment_windows(self.df.iloc[rows], cfg.clip_seconds, hop)
             cache.fill(windows, cfg.clip_seconds)
+            # a file that cannot be read is left out (and listed in skipped.csv, _record_skips)
+            readable = [cache.key(r) not in cache.failed for r in windows.itertuples()]
+            windows = windows[readable].reset_index(drop=True)
+            if len(windows) == 0:
+                raise DataError(f"{plan.name}: none of its {len(rows)} clip(s) could be read")
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)
                 labelled = AudioDataset(windows, **common)

@@ -24,7 +24,7 @@ from bioaudio.data.datasets import (
     length_sorted_batches,
     unlabelled_clips,
 )
-from bioaudio.errors import ConfigError, DataError
+from bioaudio.errors import AudioDecodeError, ConfigError, DataError
 from bioaudio.models.layers import EncoderOutput
 
 
@@ -91,6 +91,7 @@ class EncoderOutputCache:
         self.batch_size = batch_size
         self.progress = progress
         self.store: dict[tuple[str, float, float], Tensor] = {}
+        self.failed: dict[tuple[str, float, float], str] = {}  # unreadable window -> reason
         self.encoded = 0  # windows run through the encoder (tests: each exactly once)
 
     @staticmethod
@@ -99,8 +100,10 @@ class EncoderOutputCache:
 
     @torch.no_grad()
     def fill(self, windows: pd.DataFrame, clip_seconds: float) -> None:
-        """Encode the windows not cached yet (batched, padding-aware, in length order)."""
-        todo = windows[[self.key(r) not in self.store for r in windows.itertuples()]]
+        """Encode the windows not cached yet (batched, padding-aware, in length order). A
+        window whose audio cannot be read is recorded in `failed` (key -> reason), not encoded."""
+        done = self.store.keys() | self.failed.keys()
+        todo = windows[[self.key(r) not in done for r in windows.itertuples()]]
         todo = todo.drop_duplicates(subset=["path", "start", "end"]).reset_index(drop=True)
         if len(todo) == 0:
             return
@@ -108,10 +111,15 @@ class EncoderOutputCache:
         model.eval()
         ds = unlabelled_clips(todo, int(model.frontend_cfg.sample_rate), clip_seconds)
         batches = length_sorted_batches(ds.df, self.batch_size)
-        loader = DataLoader(ds, batch_sampler=batches, collate_fn=collate_batch)
+        loader = DataLoader(_OrError(ds), batch_sampler=batches, collate_fn=_collate_readable)
         device = next(model.parameters()).device
         bar = tqdm(total=len(ds), desc="encode (once)", unit="clip", disable=not self.progress)
-        for batch in loader:
+        for batch, errors in loader:
+            for i, reason in errors:
+                self.failed[self.key(ds.df.iloc[i])] = reason
+            bar.update(len(errors))
+            if batch is None:
+                continue
             out = model.features(batch["wav"].to(device), batch["padding_mask"].to(device))
             tokens = out.tokens
             if out.cls is not None:
@@ -125,6 +133,28 @@ class EncoderOutputCache:
             self.encoded += len(batch["index"])
             bar.update(len(batch["index"]))
         bar.close()
+
+
+class _OrError(Dataset):
+    """Items of `dataset`; an unreadable one becomes {"error": (index, reason)}."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        try:
+            return self.dataset[i]
+        except AudioDecodeError as e:
+            return {"error": (int(i), e.reason or str(e))}
+
+
+def _collate_readable(items: list[dict[str, Any]]) -> tuple[Any, list[tuple[int, str]]]:
+    errors = [it["error"] for it in items if "error" in it]
+    good = [it for it in items if "error" not in it]
+    return (collate_batch(good) if good else None), errors
 
 
 class CachedWindows(Dataset):
