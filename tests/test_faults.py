@@ -746,3 +746,41 @@ def test_plain_pickle_state_file_runs_nothing(tmp_path):
     torch.save({"random_state": ("x", np.arange(3, dtype=np.uint32)), "t": torch.ones(2)}, ok)
     check_pickle_file(ok)
     assert not marker.exists()
+
+
+def test_out_folders_of_another_kind_are_refused_before_any_work(tmp_path, capsys):
+    # `pretrain --out` a finetune RUN_ROOT, `finetune --out` a pretraining run or the data folder:
+    # one line, nothing written; the command's own folders (re-runs) pass
+    from bioaudio.errors import ConfigError
+    from bioaudio.training.rundir import check_out_folder
+
+    pre = tmp_path / "pre"
+    (pre / "export").mkdir(parents=True)
+    (pre / "config.json").write_text(json.dumps({"command": "pretrain"}))
+    root = tmp_path / "ft"
+    (root / "seed_42").mkdir(parents=True)
+    (root / "seed_42" / "config.json").write_text(json.dumps({"command": "finetune"}))
+    (root / "run_summary.csv").write_text("run\n")
+    data = tmp_path / "data"
+    (data / "owl").mkdir(parents=True)
+    (data / "README.txt").write_text("my recordings")
+    refused = [
+        (root, "pretrain", "run", "holds the runs of an experiment"),
+        (pre, "finetune", "experiment", "single `pretrain` run folder"),
+        (root, "train-baseline", "experiment", "holds runs of `finetune`"),
+        (data, "finetune", "experiment", "holds no finetune run (README.txt, owl)"),
+        (data, "pretrain", "run", "holds no pretrain run"),
+    ]
+    for out, command, kind, message in refused:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            check_out_folder(out, command, kind)
+    for out, command, kind in ((pre, "pretrain", "run"), (root, "finetune", "experiment"),
+                               (tmp_path / "new", "pretrain", "run")):  # fmt: skip
+        check_out_folder(out, command, kind)
+
+    manifest = write_tone_dataset(tmp_path / "tones", n_per_class=3)
+    before = sorted(p.name for p in pre.rglob("*"))
+    code, _, err = cli(capsys, "train-baseline", manifest, "--out", pre, "--max_steps", "1",
+                       "--batch_size", "2", "--no-progress", *FRONTEND_FLAGS)  # fmt: skip
+    assert code == 2 and "single `pretrain` run folder" in err and "\n" not in err.strip()
+    assert sorted(p.name for p in pre.rglob("*")) == before

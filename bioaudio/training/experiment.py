@@ -68,6 +68,7 @@ from bioaudio.training.config import LoopOptions, TrainConfig
 from bioaudio.training.frozen import CachedWindows, EncoderOutputCache, FrozenEncoderClassifier
 from bioaudio.training.loop import Trainer
 from bioaudio.training.rundir import (
+    check_out_folder,
     frontend_identity,
     identity_differences,
     model_identity,
@@ -777,6 +778,7 @@ class Experiment:
     def run(self) -> int:
         """Train every planned run (skipping finished ones), then write run_summary.csv.
         0 when all finished, 130 when interrupted (state saved)."""
+        check_out_folder(self.root, self.command, "experiment")
         runlog.attach(self.root / "log.txt")  # the whole command's output, appended
         for plan in self.plans:
             run_dir = self.root / plan.name

@@ -388,8 +388,10 @@ def pretrain(data: Path, cfg: PretrainOptions, say: Any = print) -> dict[str, An
     from bioaudio.data.pretraining import PretrainDataset, build_pretraining_data
     from bioaudio.fileio import write_csv_atomic
     from bioaudio.training.loop import Trainer
+    from bioaudio.training.rundir import check_out_folder
 
     cfg.validate()
+    check_out_folder(cfg.out, "pretrain", "run")
     torch.manual_seed(cfg.seed)  # initial weights are part of what the seed decides
     model = build_pretrain_model(cfg)
     model_type = model.model_type

@@ -187,3 +187,56 @@ def lock_run_dir(out: Path) -> Any:
             "wait for it to finish or choose another --out_dir"
         ) from None
     return fh
+
+
+# What a run folder (one training run) or an experiment root (runs of seeds / folds) may hold
+# besides runs: the command's own log and lists, and what the seed scripts (scripts/*.sh)
+# prepare into their --save_dir before training there.
+_OWN_FILES = {"log.txt", "skipped.csv", "run_summary.csv", "manifest.csv", "labels_resolved.csv"}
+
+
+_RUN_NAME = re.compile(r"^(seed|fold)_[\w.-]+$")  # the run folders an experiment names
+
+
+def _command_of(folder: Path) -> str | None:
+    cfg = read_json_object(folder / "config.json")
+    return str(cfg.get("command") or "?") if cfg is not None else None
+
+
+def check_out_folder(out: str | Path, command: str, kind: str) -> None:
+    """One-line ConfigError, before any work, when `--out` is an existing folder that is not
+    of this command's kind: `kind` "run" (one training run: pretrain) or "experiment" (a
+    RUN_ROOT of runs: finetune, train-baseline). New, empty or own folders pass, so re-running
+    a command resumes it; another command's run or a folder of other files (audio, data) is
+    never written into."""
+    out = Path(out)
+    if not out.is_dir():
+        return
+    entries = [e for e in out.iterdir() if not e.name.startswith(".")]
+    if not entries:
+        return
+    here = _command_of(out)
+    runs = {e.name: _command_of(e) for e in entries if e.is_dir() and _command_of(e) is not None}
+    hint = "; choose a new or empty --out folder"
+    if kind == "run":
+        if here is not None and here != command:
+            raise ConfigError(f"--out {out} holds a `{here}` run, not a {command} run{hint}")
+        if here is None and runs:
+            cmds = ", ".join(sorted({c for c in runs.values() if c}))
+            raise ConfigError(f"--out {out} holds the runs of an experiment ({cmds}){hint}")
+    else:
+        if here is not None:
+            raise ConfigError(
+                f"--out {out} is a single `{here}` run folder, not a {command} RUN_ROOT{hint}"
+            )
+        other = sorted({c for c in runs.values() if c not in (command, "?")})
+        if other:
+            raise ConfigError(
+                f"--out {out} holds runs of `{', '.join(other)}`, not {command}{hint}"
+            )
+    known = _OWN_FILES | set(runs) | {"config.json", "summary.json", "metrics.csv", "export",
+                                      "state", "best", "tensorboard", "sanity_overfit"}  # fmt: skip
+    foreign = sorted(e.name for e in entries if e.name not in known and not _RUN_NAME.match(e.name))
+    if here is None and not runs and foreign:
+        shown = ", ".join(foreign[:3]) + (" ..." if len(foreign) > 3 else "")
+        raise ConfigError(f"--out {out} is not empty and holds no {command} run ({shown}){hint}")
