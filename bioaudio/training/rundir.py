@@ -183,8 +183,8 @@ def lock_run_dir(out: Path) -> Any:
     except OSError:
         fh.close()
         raise ConfigError(
-            f"--out_dir {out} is being used by another running training process; "
-            "wait for it to finish or choose another --out_dir"
+            f"--out {out} is being used by another running training process; "
+            "wait for it to finish or choose another --out"
         ) from None
     return fh
 

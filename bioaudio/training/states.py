@@ -58,14 +58,14 @@ class StateMixin:
             if existing or (out / "summary.json").is_file():
                 held = existing[-1] if existing else out / "summary.json"
                 raise ConfigError(
-                    f"--out_dir {out} already holds a run ({held}); pass --resume auto to "
-                    "continue it or choose another --out_dir"
+                    f"--out {out} already holds a run ({held}); pass --resume auto to "
+                    "continue it or choose another --out"
                 )
             return None
         if cfg.resume == "auto":
             state = find_resume_state(out)
             if state is None:
-                self._check_identity(out / "config.json", "--out_dir")
+                self._check_identity(out / "config.json", "--out")
                 return None
         else:
             path = Path(cfg.resume)
@@ -113,7 +113,7 @@ class StateMixin:
             where = path.parent
             raise ConfigError(
                 f"{flag} {where}: holds a run of a different model/task ({'; '.join(diffs[:3])}); "
-                "choose another --out_dir"
+                "choose another --out"
             )
 
     def _trainer_state(self) -> dict[str, Any]:
