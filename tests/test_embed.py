@@ -367,3 +367,17 @@ def test_a_model_that_embeds_nan_is_a_clear_error_and_writes_nothing(data_dir, t
     err = capsys.readouterr().err.strip()
     assert err.startswith("bioaudio embed: error: ") and "\n" not in err, err
     assert "not finite" in err and not out.exists()
+
+
+def test_a_file_too_short_for_a_window_is_listed_as_skipped(models, data_dir, tmp_path, capsys):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(data_dir / "SITEA_20240501_053000.wav", folder / "ok.wav")
+    sf.write(folder / "tiny.wav", np.zeros(100, np.float32), 16000)  # 6 ms
+    out = tmp_path / "e.parquet"
+    assert main(["embed", str(models["eat"]), str(folder), "--out", str(out), *ARGS]) == 0
+    stdout = capsys.readouterr().out
+    skipped = pd.read_csv(out.with_name("skipped.csv"))
+    assert [Path(p).name for p in skipped["path"]] == ["tiny.wav"]
+    assert "no window" in skipped["reason"].iloc[0] and "skipped 1 file" in stdout
+    assert set(EF.read_embeddings(out).rows["path"].map(lambda p: Path(p).name)) == {"ok.wav"}

@@ -409,6 +409,14 @@ def embed_to_parquet(
     hop = float(cfg.hop or window)
     embedder.check_window(window)
     table, input_skipped = input_table(source, cfg.labels, progress=cfg.progress and main)
+    # a file too short for one window is listed, never dropped without a word
+    short = (table["end"] - table["start"]) < MIN_WINDOW_SECONDS - 1e-9
+    short_files = set(table.loc[short, "path"]) - set(table.loc[~short, "path"])
+    if short_files:
+        reason = f"shorter than {MIN_WINDOW_SECONDS} s: no window to embed"
+        extra = pd.DataFrame({"path": sorted(map(str, short_files)), "reason": reason})
+        input_skipped = pd.concat([input_skipped, extra], ignore_index=True)
+        table = table[~table["path"].isin(short_files)].reset_index(drop=True)
     # Input, model and options checked: the log starts (with what was printed so far).
     runlog.attach(out.with_suffix(".log.txt"))
     settings = embedder.provenance(window, hop, cfg.hemisphere)
