@@ -4,7 +4,8 @@
 #       [--cuda] [--batch_size B] [--target_length T] [-- BIOAUDIO EVALUATE FLAGS]
 # M is an export, a run directory (its best/, else export/) or a RUN_ROOT holding one run.
 # L (`filename,labels`; names relative to D, else to L's folder, or absolute) is prepared into
-# S/manifest.csv (default S: ./eval_<D name>), then
+# S/manifest.csv (+ S/labels_resolved.csv, S/skipped.csv; L itself is never written; default
+# S: ./eval_<D name>), then
 # `accelerate launch [--multi_gpu] --num_processes W -m bioaudio evaluate M S/manifest.csv --out S`
 # writes S/test_metrics.json, test_predictions.csv, confusion_*.csv + .png, pr_curves.png, report.md.
 #   --target_length frames, 100 per second: --window T/100 (default: the model's training clip)

@@ -5,7 +5,8 @@
 #       [--num_classes C] [--prediction_mode MODE] [--restore_file F] [--weights CSV]
 #       [--epochs E] [--lr LR] [-- BIOAUDIO FINETUNE FLAGS]
 # L (`filename,labels`; names relative to D, else to L's folder, or absolute) is prepared into
-# S/manifest.csv (+ S/labels.csv, S/skipped.csv; nothing is written into D), then
+# S/manifest.csv (+ S/labels_resolved.csv, S/skipped.csv; nothing is written into D or over L,
+# nor over a file of those names these scripts did not write), then
 # `accelerate launch [--multi_gpu] --num_processes W -m bioaudio finetune S/manifest.csv --out S`.
 #   --batch_size   per process: global --batch_size = B x W
 #   --target_length frames, 100 per second: --clip_seconds T/100

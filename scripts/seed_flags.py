@@ -5,10 +5,19 @@
 Parses the seed (fairseq-style) flags, maps them onto `bioaudio pretrain`, `bioaudio finetune`
 and `bioaudio evaluate`, prints the `accelerate launch ... -m bioaudio ...` command and runs it
 (an argument list, no shell). Arguments after `--` are passed to the bioaudio command unchanged
-(e.g. `-- --seed 1 --eat.clone_batch 8`); repeating a flag the seed flags already set is an
-error. Bad input (missing or unknown flags, more processes than devices, a restore file that is
-neither a state nor a checkpoint, labels naming missing files) is one line on stderr and exit
-status 2 before anything runs. `build_command(argv)` returns the command without running it.
+(e.g. `-- --seed 1 --eat.clone_batch 8`); repeating a flag the seed flags already set, or
+giving one twice after `--`, is an error, and finetune / eval check the whole command line with
+the bioaudio command's own parser and options (e.g. --epochs with --max_steps). Bad input
+(missing or unknown flags, more processes than devices, a restore file that is neither a state
+nor a checkpoint, labels naming missing files, an eval --save_dir evaluate would refuse) is one
+line on stderr and exit status 2 before anything is written or run. `build_command(argv)`
+returns the command without running it.
+
+Files: finetune / eval write only S/labels_resolved.csv (the labels file with absolute names),
+S/manifest.csv, S/skipped.csv and S/.seed_inputs.json (which lists them). The --labels file is
+never written to, and an existing file of those names that an earlier run of these scripts did
+not write (or that was changed since) is never replaced: that is refused before anything is
+written (move it away or choose another --save_dir).
 
 Processes: `--world_size W` runs W processes (`accelerate launch --multi_gpu --num_processes W`
 when W > 1). With `--cuda` they are GPU processes (W <= the CUDA devices); without it they are
@@ -33,8 +42,8 @@ Seed flag -> bioaudio flag:
   --save_dir S         --out S
   --data_dir D         pretrain: DATA; finetune / eval: with --labels L (`filename,labels`,
                        names relative to D, else to L's folder, or absolute) prepared into
-                       S/labels.csv (absolute names), S/manifest.csv and S/skipped.csv (never
-                       into D) -> MANIFEST S/manifest.csv
+                       S/labels_resolved.csv (absolute names), S/manifest.csv and S/skipped.csv
+                       (never into D, never over L) -> MANIFEST S/manifest.csv
   --mixup X            --mixup_alpha X
   --preset, --model, --objective, --model_path, --num_classes, --prediction_mode, --weights,
   --epochs, --lr       the bioaudio flags of the same name
@@ -44,6 +53,9 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
+import importlib
+import json
 import os
 import shlex
 import shutil
@@ -52,12 +64,13 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # bioaudio from this checkout even without installation
 
-from bioaudio.config import ArgumentParser  # noqa: E402
+from bioaudio.config import ArgumentParser, config_from_args  # noqa: E402
 from bioaudio.errors import BioaudioError, ConfigError, DataError  # noqa: E402
 
 PROGS = {
@@ -66,6 +79,16 @@ PROGS = {
     "eval": "scripts/eval.sh",
 }
 MODES = ("auto", "CLS_TOKEN", "MEAN_POOLING", "LIN_SOFTMAX", "ATTENTION")
+# the options dataclass of each bioaudio command whose command line is checked before writing
+OPTIONS = {
+    "finetune": ("bioaudio.commands.finetune", "FinetuneConfig"),
+    "evaluate": ("bioaudio.inference.evaluate", "EvaluateOptions"),
+}
+# what finetune / eval write into S, and the record of what they wrote
+LABELS_RESOLVED = "labels_resolved.csv"
+DERIVED = (LABELS_RESOLVED, "manifest.csv", "skipped.csv")
+RECORD = ".seed_inputs.json"
+WRITTEN_BY = "scripts/seed_flags.py"
 FRAMES_PER_SECOND = 100
 
 _DOCS = {
@@ -86,9 +109,10 @@ Arguments after `--` go to `bioaudio pretrain` unchanged (see `bioaudio pretrain
     "finetune": """Finetune a BEATs / EAT checkpoint into a classifier (the seed project's flags).
 
 The labels file L (`filename,labels`, names relative to --data_dir D, else to L's folder, or
-absolute) is prepared into S/manifest.csv (and S/labels.csv, S/skipped.csv; nothing is written
-into D), then `accelerate launch [--multi_gpu] --num_processes W -m bioaudio finetune
-S/manifest.csv --out S ...` runs (one run directory S/seed_42/).
+absolute) is prepared into S/manifest.csv (and S/labels_resolved.csv, S/skipped.csv; nothing is
+written into D or over L, nor over a file of those names these scripts did not write), then
+`accelerate launch [--multi_gpu] --num_processes W -m bioaudio finetune S/manifest.csv --out S
+...` runs (one run directory S/seed_42/).
 --batch_size is per process: the global batch is batch_size x world_size. --target_length is in
 frames (100 per second): --clip_seconds T/100. --mixup X is --mixup_alpha X; --mask_ratio turns
 SpecAugment on with masks that wide; --restore_file (a state or run directory) is --resume.
@@ -435,7 +459,43 @@ def _plan(argv: Sequence[str]) -> tuple[str, argparse.Namespace, list[str]]:
         raise ConfigError(
             f"{repeated[0]} after -- repeats a flag the seed flags set; use the seed flag"
         )
+    flags = [t.split("=")[0] for t in extra if t.startswith("--") and t != "--"]
+    twice = [f for i, f in enumerate(flags) if f in flags[:i]]
+    if twice:
+        raise ConfigError(f"{twice[0]} is given twice after --; give it once")
+    if bio[0] in OPTIONS:
+        cfg = check_bioaudio_args([*bio, *extra])
+        if bio[0] == "evaluate":
+            from bioaudio.inference.evaluate import check_evaluate_out
+
+            check_evaluate_out(save_dir(args), cfg.overwrite)
     return script, args, [*launcher(args.world_size), "-m", "bioaudio", *bio, *extra]
+
+
+class _CheckParser(ArgumentParser):
+    """The bioaudio command's parser, its errors raised (ConfigError) instead of exiting."""
+
+    def error(self, message: str):  # noqa: D102, ANN201
+        raise ConfigError(f"{self.prog}: {message}")
+
+
+def check_bioaudio_args(bio: list[str]) -> Any:
+    """Parse `bio` ([COMMAND, args...]) with the bioaudio command's own parser and resolve its
+    options (their checks included), so that a bad or conflicting flag after `--` is refused
+    before anything is written. Returns the options."""
+    from bioaudio.cli import COMMANDS
+
+    name, *rest = bio
+    parser = _CheckParser(prog=f"bioaudio {name}")
+    importlib.import_module(COMMANDS[name][0]).add_arguments(parser)
+    parser.set_defaults(bioaudio_command=name)
+    ns = parser.parse_args(rest)
+    module, cls = OPTIONS[name]
+    cfg = config_from_args(getattr(importlib.import_module(module), cls), ns)
+    for check in ("validate_loop", "validate_experiment"):  # what the command checks first
+        if hasattr(cfg, check):
+            getattr(cfg, check)()
+    return cfg
 
 
 def build_command(argv: Sequence[str]) -> list[str]:
@@ -461,11 +521,73 @@ def _listed_path(data_dir: Path, labels_dir: Path, name: str) -> Path:
     return (data_dir / p).resolve()
 
 
-def prepare_labelled(data_dir: Path, labels: Path, out_dir: Path) -> Path:
-    """Write out_dir/labels.csv (the labels file with absolute file names), then prepare
-    out_dir/manifest.csv and out_dir/skipped.csv from it. DataError when a listed file does not
-    exist. Returns the manifest path."""
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _written_before(out_dir: Path) -> dict[str, str | None] | None:
+    """{file name: sha256 (None: being written)} of what an earlier run wrote into `out_dir`;
+    None when `out_dir` holds no record of ours."""
+    try:
+        record = json.loads((out_dir / RECORD).read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(record, dict) or record.get("written_by") != WRITTEN_BY:
+        return None
+    files = record.get("files")
+    return {str(k): v for k, v in files.items()} if isinstance(files, dict) else {}
+
+
+def _record(out_dir: Path, files: dict[str, str | None]) -> None:
+    from bioaudio.fileio import save_json_atomic
+
+    save_json_atomic(out_dir / RECORD, {"written_by": WRITTEN_BY, "files": files})
+
+
+def check_derived(out_dir: Path, inputs: Sequence[Path]) -> None:
+    """ConfigError, before anything is written, when writing the derived files (`DERIVED`,
+    `RECORD`) into `out_dir` would touch an input (--labels, --weights) or replace a file that an
+    earlier run of these scripts did not write, or that was changed since."""
+    from bioaudio.fileio import check_writable
+
+    check_writable(out_dir, "--save_dir")
+    hint = "move it away or choose another --save_dir"
+    for name in (*DERIVED, RECORD):
+        p = out_dir / name
+        for src in inputs:
+            try:
+                same = p.exists() and src.exists() and os.path.samefile(p, src)
+            except OSError:
+                same = False
+            if same:
+                raise ConfigError(
+                    f"{src} is {p}, a file this script writes; give an input outside --save_dir "
+                    "or another --save_dir"
+                )
+    record, ours = out_dir / RECORD, _written_before(out_dir)
+    if (record.exists() or record.is_symlink()) and ours is None:
+        raise ConfigError(f"{record} exists and was not written by this script; {hint}")
+    ours = ours or {}
+    for name in DERIVED:
+        p = out_dir / name
+        if not (p.exists() or p.is_symlink()):
+            continue
+        if p.is_symlink() or not p.is_file() or name not in ours:
+            raise ConfigError(f"{p} exists and was not written by this script; {hint}")
+        if ours[name] is not None and _sha256(p) != ours[name]:
+            raise ConfigError(f"{p} was changed since this script wrote it; {hint}")
+
+
+def prepare_labelled(
+    data_dir: Path, labels: Path, out_dir: Path, inputs: Sequence[Path] = ()
+) -> Path:
+    """Write out_dir/labels_resolved.csv (the labels file with absolute file names), then prepare
+    out_dir/manifest.csv and out_dir/skipped.csv from it, and record them in out_dir/RECORD.
+    DataError when a listed file does not exist; ConfigError (`check_derived`) when a file would
+    be replaced that is not ours; both before anything is written. `labels` and `inputs` are
+    never written to. Returns the manifest path."""
     from bioaudio.data.manifest import PrepareConfig, prepare_manifest
+    from bioaudio.fileio import atomic_path
 
     try:
         with open(labels, newline="", encoding="utf-8-sig") as f:
@@ -490,12 +612,18 @@ def prepare_labelled(data_dir: Path, labels: Path, out_dir: Path) -> Path:
             f"--labels {labels}: {len(missing)} listed file(s) do not exist under --data_dir "
             f"{data_dir}, e.g. {', '.join(missing[:2])}"
         )
+    check_derived(out_dir, [labels, *inputs])
     out_dir.mkdir(parents=True, exist_ok=True)
-    listed = out_dir / "labels.csv"
-    with open(listed, "w", newline="", encoding="utf-8") as f:
+    # recorded before they are written: an interrupted run's files are still known as ours
+    _record(out_dir, dict.fromkeys(DERIVED))
+    listed = out_dir / LABELS_RESOLVED
+    with atomic_path(listed) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         csv.writer(f, lineterminator="\n").writerows([header, *rows[1:]])
     cfg = PrepareConfig(labels="csv", labels_csv=str(listed), progress=False)
-    result = prepare_manifest(data_dir, out_dir / "manifest.csv", cfg)
+    try:
+        result = prepare_manifest(data_dir, out_dir / "manifest.csv", cfg)
+    finally:
+        _record(out_dir, {n: _sha256(out_dir / n) for n in DERIVED if (out_dir / n).is_file()})
     print(result.summary(), flush=True)
     return out_dir / "manifest.csv"
 
@@ -522,7 +650,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         script, args, cmd = _plan(argv)
         if script in ("finetune", "eval"):
-            manifest = prepare_labelled(args.data_dir, args.labels, save_dir(args))
+            if script == "eval":  # a model without classes: refused before anything is written
+                from bioaudio.inference.evaluate import classifier_config
+
+                classifier_config(args.model_path)
+            inputs = [p for p in (getattr(args, "weights", None),) if p is not None]
+            manifest = prepare_labelled(args.data_dir, args.labels, save_dir(args), inputs)
             if script == "eval":
                 check_eval_labels(args.model_path, manifest)
     except BioaudioError as e:

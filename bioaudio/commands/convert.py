@@ -2,6 +2,8 @@
 folder (model.safetensors + config.json), verified by reloading it and comparing outputs.
 SRC is an official BEATs .pt, an EAT fairseq .pt, an EAT Hugging Face folder or .safetensors
 file, or an export. Example: bioaudio convert BEATs_iter3_plus_AS2M.pt checkpoints/beats_iter3p.
+An existing DST is replaced only with --force, and only when it is an empty folder or an export
+(tokenizer) folder holding nothing but its config.json and weights: anything else in it is refused.
 See checkpoints/README.md for every official checkpoint and its command.
 """
 
@@ -10,6 +12,7 @@ from __future__ import annotations
 import argparse
 import csv
 import hashlib
+import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,11 +25,12 @@ from bioaudio.errors import CheckpointError, ConfigError
 from bioaudio.fileio import check_writable, temp_dir_beside
 from bioaudio.models import registry
 from bioaudio.models.checkpoint import (
+    CONFIG_FILE,
+    EXPORT_FORMAT,
     WEIGHTS_FILE,
     checkpoint_kind,
     detect_format,
     install_dir,
-    is_export_dir,
     load_export,
     load_model,
     load_tokenizer,
@@ -45,7 +49,10 @@ class ConvertOptions:
             "help": "config.json of a bare EAT .safetensors file (default: the one beside it)"
         },
     )
-    force: bool = field(default=False, metadata={"help": "replace DST if it is an existing export"})
+    force: bool = field(
+        default=False,
+        metadata={"help": "replace DST if it is an existing export (config.json + weights only)"},
+    )
     class_names: str | None = field(
         default=None,
         metadata={
@@ -86,6 +93,43 @@ def read_class_names(path: str | Path) -> list[str]:
     if not names:
         raise ConfigError(f"--class_names: {p} is empty")
     return names
+
+
+# What an export / a tokenizer folder holds: --force replaces a DST holding nothing else
+OWN_ENTRIES = {
+    EXPORT_FORMAT: {CONFIG_FILE, WEIGHTS_FILE},
+    "bioaudio.tokenizer": {CONFIG_FILE, "tokenizer.safetensors"},
+}
+
+
+def _folder_format(folder: Path) -> str | None:
+    """The "format" marker of the config.json in `folder`, if any."""
+    try:
+        marker = json.loads((folder / CONFIG_FILE).read_text()).get("format")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return marker if isinstance(marker, str) else None
+
+
+def check_replaceable(dst: Path) -> None:
+    """One-line ConfigError unless the existing `dst` may be replaced (--force): an empty folder,
+    or an export / tokenizer folder holding only its own files (config.json and weights)."""
+    if not dst.is_dir():
+        raise ConfigError(f"{dst} exists and is not a folder; refusing to replace it")
+    entries = sorted(e.name + ("/" if e.is_dir() else "") for e in dst.iterdir())
+    fmt = _folder_format(dst)
+    extra = [e for e in entries if e not in OWN_ENTRIES.get(fmt or "", set())]
+    if not extra:
+        return
+    shown = ", ".join(extra[:5]) + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
+    if fmt not in OWN_ENTRIES:
+        raise ConfigError(
+            f"{dst} exists and is not a bioaudio export (it holds {shown}); refusing to replace it"
+        )
+    raise ConfigError(
+        f"{dst} holds {shown} besides the export; refusing to replace it (--force replaces only "
+        "an export folder or an empty one: move those away or choose another DST)"
+    )
 
 
 def _sha256(path: Path) -> str:
@@ -160,10 +204,10 @@ def run(args: argparse.Namespace) -> int:
     src, dst = Path(args.src), Path(args.dst)
     check_writable(dst, "DST")
     kind, weights, _ = detect_format(src, opts.config)
-    if dst.exists() and not opts.force:
+    if (dst.exists() or dst.is_symlink()) and not opts.force:
         raise ConfigError(f"{dst} already exists; pass --force to replace it")
-    if dst.exists() and (not dst.is_dir() or (any(dst.iterdir()) and not is_export_dir(dst))):
-        raise ConfigError(f"{dst} exists and is not a bioaudio export; refusing to replace it")
+    if dst.exists() or dst.is_symlink():
+        check_replaceable(dst)
     if dst.resolve() == src.resolve():
         raise ConfigError("SRC and DST are the same path")
     if checkpoint_kind(src, opts.config) == "tokenizer":

@@ -11,7 +11,10 @@ OUT gets test_metrics.json (accuracy, balanced accuracy, macro-F1, mAP, AUROC, p
 precision / recall / F1; multi-label: mAP, AUROC, F1), test_predictions.csv (per-class
 probabilities per clip), confusion_counts.csv, confusion_normalised.csv, confusion.png,
 confusion_counts.png (single-label), pr_curves.png and report.md: the same files a training
-run writes for its test set.
+run writes for its test set. Files evaluate did not write are never replaced without --overwrite:
+an OUT holding one of those names (a training run's own test results, your report.md), or a
+training run / export folder, is refused before any work; re-running into an earlier evaluate's
+OUT replaces its files.
 
 Examples:
   bioaudio evaluate runs/ft/seed_42 data/test/manifest.csv --out runs/ft_test

@@ -3,6 +3,8 @@
 Writes OUT/tsne_grid.png (one map per --perplexities value) and OUT/umap_grid.png (one map per
 --n_neighbors x --min_dist pair), coloured by label when the embeddings carry labels, else by
 k-means cluster (--color to choose). Large files are subsampled to --max_points (seeded).
+A PNG of the same name that plot-embeddings did not write is never replaced without --overwrite
+(checked before any work).
 
 Examples:
   bioaudio plot-embeddings runs/emb.parquet --out runs/maps
@@ -19,7 +21,8 @@ from bioaudio.config import convert_value
 from bioaudio.errors import ConfigError
 from bioaudio.explorer.data import labels_of, load_embedding_set
 from bioaudio.explorer.projections import ensure_numba_cache, kmeans
-from bioaudio.explorer.static import plot_grid
+from bioaudio.explorer.static import is_map_grid, plot_grid
+from bioaudio.fileio import check_writable, guard_output
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,6 +35,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--k", type=int, default=8, help="k-means clusters (colour by cluster)")
     parser.add_argument("--max_points", type=int, default=20000, help="subsample above this")
     parser.add_argument("--methods", default="tsne,umap", help="grids to draw: tsne, umap")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace tsne_grid.png / umap_grid.png in OUT even when plot-embeddings did not "
+        "write them",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -43,6 +52,18 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--methods: choose from tsne, umap, got {args.methods}")
     if args.max_points < 10:
         raise ConfigError("--max_points must be at least 10")
+    out = args.out or args.embeddings.with_suffix("").with_name(args.embeddings.stem + "_maps")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} exists and is not a folder")
+    check_writable(out)
+    for method in methods:
+        guard_output(
+            out / f"{method}_grid.png",
+            what="map grid",
+            ours=is_map_grid,
+            inputs=(args.embeddings,),
+            overwrite=args.overwrite,
+        )
     es = load_embedding_set(args.embeddings, max_rows=args.max_points)
     labels = labels_of(es.rows)
     if args.color == "label" and labels is None:
@@ -50,7 +71,6 @@ def run(args: argparse.Namespace) -> int:
     by_label = labels is not None and args.color != "cluster"
     colour = labels.fillna("(none)").to_numpy() if by_label else kmeans(es.vectors, args.k)
     what = "label" if by_label else f"k-means cluster (k={args.k})"
-    out = args.out or args.embeddings.with_suffix("").with_name(args.embeddings.stem + "_maps")
     out.mkdir(parents=True, exist_ok=True)
     ensure_numba_cache()
     n = f"{len(es)} windows"

@@ -1,6 +1,8 @@
 """Static PNG map grids for headless servers (`bioaudio plot-embeddings`): t-SNE over
 perplexities, UMAP over n_neighbors x min_dist, coloured by label or k-means cluster.
-matplotlib with the Agg backend; no Streamlit."""
+matplotlib with the Agg backend; no Streamlit. Every PNG carries a text chunk
+`bioaudio: plot-embeddings` (`is_map_grid`), so the command can tell its own PNGs, which it may
+replace, from anyone else's."""
 
 from __future__ import annotations
 
@@ -11,6 +13,19 @@ import numpy as np
 
 from bioaudio.explorer.projections import check_params, fit_projection
 from bioaudio.fileio import atomic_path
+
+PNG_KEY, PNG_MARKER = "bioaudio", "plot-embeddings"  # the PNG text chunk of our map grids
+
+
+def is_map_grid(path: str | Path) -> bool:
+    """True for a PNG written by `plot_grid` (it carries our text chunk)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.format == "PNG" and im.info.get(PNG_KEY) == PNG_MARKER
+    except Exception:  # anything unreadable is not ours
+        return False
 
 
 def _colours(values: np.ndarray) -> tuple[np.ndarray, list[str]]:
@@ -61,6 +76,6 @@ def plot_grid(
     fig.suptitle(title)
     out = Path(out)
     with atomic_path(out) as tmp:
-        fig.savefig(tmp, dpi=100)
+        fig.savefig(tmp, dpi=100, metadata={PNG_KEY: PNG_MARKER})
     plt.close(fig)
     return out

@@ -9,6 +9,12 @@ outputs every evaluation writes, here and in the experiment layer's run director
                               (single-label)
     pr_curves.png             one-vs-rest precision-recall curve per class
     report.md                 what was evaluated and the numbers
+    class_names.json          the model's classes, in the order of the p_<class> columns
+
+`bioaudio evaluate` never replaces a file it did not write: its test_metrics.json says
+`"written_by": "bioaudio evaluate"` (and is written first, so an interrupted evaluation is
+recognised too), and an --out holding any other file of the list above, or a training run / export
+folder (config.json, summary.json), is refused before any work unless --overwrite.
 
 Clips are classified by windows of the model's training clip length (`predict_clips`): the
 window probabilities of a clip are averaged, exactly as `bioaudio infer` and the experiment's
@@ -36,6 +42,11 @@ from bioaudio.inference.runner import WindowOptions, training_window, window_opt
 
 TEST_METRICS = "test_metrics.json"
 TEST_PREDICTIONS = "test_predictions.csv"
+WRITTEN_BY = "bioaudio evaluate"  # test_metrics.json's "written_by": the folder is evaluate's
+EVALUATE_FILES = (TEST_METRICS, TEST_PREDICTIONS, "class_names.json", "confusion_counts.csv",
+                  "confusion_normalised.csv", "confusion.png", "confusion_counts.png",
+                  "pr_curves.png", "report.md")  # fmt: skip
+RUN_FILES = ("config.json", "summary.json")  # a training run's (or an export's) own files
 
 
 # ----------------------------------------------------------------------------------------------
@@ -151,8 +162,54 @@ class EvaluateOptions(WindowOptions):
     hop: float | None = window_option("hop")
     batch_size: int = window_option("batch_size", "windows per forward pass per process")
     num_workers: int = window_option("num_workers")
+    overwrite: bool = field(
+        default=False,
+        metadata={
+            "help": "write into --out even when it holds files evaluate did not write (a "
+            "training run's test results, your own report.md): they are replaced"
+        },
+    )
     cpu: bool = window_option("cpu")
     progress: bool = window_option("progress")
+
+
+def written_by_evaluate(out: str | Path) -> bool:
+    """True when an earlier `bioaudio evaluate` wrote into the folder `out` (its
+    test_metrics.json carries our "written_by")."""
+    try:
+        record = json.loads((Path(out) / TEST_METRICS).read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(record, dict) and record.get("written_by") == WRITTEN_BY
+
+
+def check_evaluate_out(out: str | Path, overwrite: bool = False) -> Path:
+    """One-line ConfigError, before any work, when evaluate cannot write its files into `out`:
+    a file, not writable, a training run or export folder, or holding a file of
+    `EVALUATE_FILES` that an earlier evaluate did not write; `overwrite` allows the last two."""
+    out = Path(out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} exists and is not a folder")
+    check_writable(out)
+    if overwrite or not out.is_dir():
+        return out
+    hint = "; pass --overwrite to write there anyway, or choose another --out"
+    own = [n for n in RUN_FILES if (out / n).exists()]
+    if own:
+        raise ConfigError(
+            f"--out {out} is a training run or export folder (it holds {', '.join(own)}); "
+            f"refusing to write evaluation files over its own{hint}"
+        )
+    if written_by_evaluate(out):
+        return out
+    clash = [n for n in EVALUATE_FILES if (out / n).exists() or (out / n).is_symlink()]
+    if clash:
+        shown = ", ".join(clash[:4]) + (" ..." if len(clash) > 4 else "")
+        raise ConfigError(
+            f"--out {out} holds {shown}, not written by bioaudio evaluate; refusing to "
+            f"replace {'it' if len(clash) == 1 else 'them'}{hint}"
+        )
+    return out
 
 
 def find_classifier(path: str | Path) -> Path:
@@ -261,14 +318,12 @@ def evaluate(
     from bioaudio.inference.predict import load_classifier
 
     cfg.validate()
+    out = Path(cfg.out) if cfg.out is not None else Path.cwd() / f"eval_{Path(manifest).stem}"
+    check_evaluate_out(out, cfg.overwrite)
     export, config = classifier_config(model_path)
     names, multi = list(config["class_names"]), bool(config.get("multi_label", False))
     df = read_manifest(manifest)
     check_labelled(df, names, multi)
-    out = Path(cfg.out) if cfg.out is not None else Path.cwd() / f"eval_{Path(manifest).stem}"
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} exists and is not a folder")
-    check_writable(out)
     window = float(cfg.window or training_window(config.get("provenance")))
     hop = float(cfg.hop or window)
     device = cfg.device() if accelerator is None else None
@@ -288,6 +343,7 @@ def evaluate(
     )
     report = classification_report(clips.scores, clips.targets, names, multi)
     record = {
+        "written_by": WRITTEN_BY,
         **report,
         "model": str(export.resolve()),
         "out": str(out),
@@ -302,11 +358,12 @@ def evaluate(
     }
     if main:
         out.mkdir(parents=True, exist_ok=True)
+        # first: its "written_by" marks the folder as evaluate's even if we are interrupted
+        save_json_atomic(out / TEST_METRICS, record)
         save_json_atomic(out / "class_names.json", names)
         title = export.name if export.name not in ("best", "export") else export.parent.name
         write_test_outputs(out, df, clips, names, multi, report, title=title)
         _report(record, names, multi, out)
-        save_json_atomic(out / TEST_METRICS, record)
     if accelerator is not None:
         accelerator.wait_for_everyone()
     return record
