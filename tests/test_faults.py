@@ -784,3 +784,19 @@ def test_out_folders_of_another_kind_are_refused_before_any_work(tmp_path, capsy
                        "--batch_size", "2", "--no-progress", *FRONTEND_FLAGS)  # fmt: skip
     assert code == 2 and "single `pretrain` run folder" in err and "\n" not in err.strip()
     assert sorted(p.name for p in pre.rglob("*")) == before
+
+
+def test_finished_runs_are_not_reused_for_a_changed_manifest(tmp_path, capsys):
+    manifest = write_tone_dataset(tmp_path / "data", n_per_class=4)
+    out = tmp_path / "runs"
+    args = ["--out", out, "--max_steps", "2", "--batch_size", "4", "--clip_seconds", "0.5",
+            "--num_workers", "0", "--no-progress", "--eval_every", "0", *FRONTEND_FLAGS]  # fmt: skip
+    code, _, err = cli(capsys, "train-baseline", manifest, *args)
+    assert code == 0, err
+    code, stdout, err = cli(capsys, "train-baseline", manifest, *args)  # the same data: reused
+    assert code == 0 and "finished earlier, skipped" in stdout, err
+    df = pd.read_csv(manifest)
+    df.iloc[:-1].to_csv(manifest, index=False)  # one clip fewer: other data
+    code, _, err = cli(capsys, "train-baseline", manifest, *args)
+    one_line_error(err, "finished run on other data", "choose another --out")
+    assert code == 2

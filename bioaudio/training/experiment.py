@@ -783,6 +783,7 @@ class Experiment:
         for plan in self.plans:
             run_dir = self.root / plan.name
             if is_finished(run_dir):
+                self._check_same_data(run_dir)
                 say(f"{plan.name}: finished earlier, skipped ({run_dir / TEST_METRICS})")
                 continue
             if self.train_run(plan) is None:
@@ -876,6 +877,19 @@ class Experiment:
         if test_skipped:  # unreadable test files: listed with the others, left out of the metrics
             self._record_skips(plan, (), summary, trainer.accelerator, extra=test_skipped)
         return record
+
+    def _check_same_data(self, run_dir: Path) -> None:
+        """A finished run is reused only for the data it was trained on: ConfigError when the
+        manifest's content changed since (its results would be reported for other data)."""
+        cfg = read_json_object(run_dir / "config.json") or {}
+        old = ((cfg.get("provenance") or {}).get("training") or {}).get("data") or {}
+        new = self.data_fingerprint()
+        if old.get("sha256") and new.get("sha256") and old["sha256"] != new["sha256"]:
+            raise ConfigError(
+                f"{run_dir} is a finished run on other data ({old.get('path')}, "
+                f"{old.get('rows')} rows; now {new.get('path')}, {new.get('rows')} rows, content "
+                "changed): its results would be reported for this manifest; choose another --out"
+            )
 
     def data_fingerprint(self) -> dict[str, Any]:
         """The manifest's rows, total duration and sha256 (computed once)."""
