@@ -12,6 +12,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from test_classify import (
@@ -214,3 +215,25 @@ def test_convert_force_replaces_only_an_export(classifier, tmp_path, capsys):
         code, _, err = cli(capsys, "convert", classifier, target, "--force")
         assert code == 0, err
         assert sorted(p.name for p in target.iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_evaluate_skips_and_lists_unreadable_files_and_counts_unlabelled_ones(
+    classifier, tones, tmp_path, capsys
+):
+    data = tmp_path / "data"
+    shutil.copytree(tones.parent, data)
+    manifest = data / tones.name
+    df = pd.read_csv(manifest)
+    broken = df["path"].iloc[0]
+    (data / broken).write_bytes(b"RIFF" + b"\x09" * 300)  # broke after prepare
+    df.loc[1, "labels"] = ""  # an unlabelled clip: predicted, not scored
+    df.to_csv(manifest, index=False)
+    out = tmp_path / "ev"
+    code, stdout, err = cli(capsys, "evaluate", classifier, manifest, "--out", out, "--no-progress")
+    assert code == 0, err
+    record = json.loads((out / "test_metrics.json").read_text())
+    assert record["unreadable"] == 1 and record["unlabelled"] == 1
+    assert record["n"] == len(df) - 2
+    skipped = pd.read_csv(out / "skipped.csv")
+    assert [Path(p).name for p in skipped["path"]] == [Path(broken).name]
+    assert "1 unreadable file(s) skipped" in stdout and "1 unlabelled clip(s)" in stdout

@@ -53,5 +53,10 @@ def run(args: argparse.Namespace) -> int:
             keys = ["accuracy", "balanced_accuracy", *keys]
         scores = ", ".join(f"{k} {record[k]:.4f}" for k in keys)
         print(f"{record['n']} clip(s) of {args.manifest}: {scores}")
+        if record.get("unlabelled"):
+            print(f"note: {record['unlabelled']} unlabelled clip(s) predicted but not scored")
+        if record.get("unreadable"):
+            print(f"note: {record['unreadable']} unreadable file(s) skipped, listed in "
+                  f"{Path(record['out']) / 'skipped.csv'}")  # fmt: skip
         print(f"results: {record['out']} (test_metrics.json, test_predictions.csv, report.md)")
     return 0

@@ -45,7 +45,7 @@ TEST_PREDICTIONS = "test_predictions.csv"
 WRITTEN_BY = "bioaudio evaluate"  # test_metrics.json's "written_by": the folder is evaluate's
 EVALUATE_FILES = (TEST_METRICS, TEST_PREDICTIONS, "class_names.json", "confusion_counts.csv",
                   "confusion_normalised.csv", "confusion.png", "confusion_counts.png",
-                  "pr_curves.png", "report.md")  # fmt: skip
+                  "pr_curves.png", "report.md", "skipped.csv")  # fmt: skip
 RUN_FILES = ("config.json", "summary.json")  # a training run's (or an export's) own files
 
 
@@ -292,6 +292,12 @@ def _report(record: dict[str, Any], class_names: list[str], multi_label: bool, o
             f"; {record['not_predicted']} clip(s) too short to predict"
             if record["not_predicted"]
             else ""
+        )
+        + (f"; {record['unreadable']} unreadable (skipped.csv)" if record["unreadable"] else "")
+        + (
+            f"; {record['unlabelled']} unlabelled (predicted, not scored)"
+            if record["unlabelled"]
+            else ""
         ),  # fmt: skip
         "",
         *metrics_markdown(record, multi_label),
@@ -340,7 +346,11 @@ def evaluate(
         device=device,
         progress=cfg.progress and main,
         desc="evaluate",
+        skip_errors=True,  # an unreadable file is left out, listed in OUT/skipped.csv
     )
+    if len(clips.rows) == 0:
+        raise DataError(f"none of the {len(df)} clip(s) of {manifest} could be read")
+    skipped = [{"path": str(df["path"].iloc[r]), "reason": why} for r, why in clips.errors.items()]
     report = classification_report(clips.scores, clips.targets, names, multi)
     record = {
         "written_by": WRITTEN_BY,
@@ -353,7 +363,10 @@ def evaluate(
         "hop": hop,
         "windows": len(clips.windows),
         "clips": int(len(df)),
-        "not_predicted": int(len(df) - len(clips.rows)),
+        "not_predicted": int(len(df) - len(clips.rows) - len(skipped)),
+        "unreadable": len(skipped),
+        # single-label rows without a label are classified (test_predictions.csv) not scored
+        "unlabelled": int(len(df) - len(skipped) - report["n"]) if not multi else 0,
         "processes": accelerator.num_processes if accelerator is not None else 1,
     }
     if main:
@@ -363,6 +376,10 @@ def evaluate(
         save_json_atomic(out / "class_names.json", names)
         title = export.name if export.name not in ("best", "export") else export.parent.name
         write_test_outputs(out, df, clips, names, multi, report, title=title)
+        if skipped:
+            write_csv_atomic(pd.DataFrame(skipped, columns=["path", "reason"]), out / "skipped.csv")
+        else:  # an earlier evaluation's list (the folder is evaluate's: checked above)
+            (out / "skipped.csv").unlink(missing_ok=True)
         _report(record, names, multi, out)
     if accelerator is not None:
         accelerator.wait_for_everyone()
