@@ -251,6 +251,17 @@ def test_auto_resume_ignores_half_written_states(straight, tmp_path):
     assert not (out / "state" / ".tmp-step_28").exists()
 
 
+def test_resuming_with_changed_training_options_says_so(tmp_path, capsys):
+    out = tmp_path / "run"
+    run(make_cfg(out, max_steps=4, save_every=2, eval_every=0), ToyOptions(n_eval=0))
+    capsys.readouterr()
+    cfg = make_cfg(out, max_steps=6, lr=0.01, save_every=2, eval_every=0, resume="auto")
+    summary, *_ = run(cfg, ToyOptions(n_eval=0))
+    assert summary["status"] == "completed" and summary["steps"] == 6
+    said = capsys.readouterr().out
+    assert "resuming at step 4 with changed options: --lr 0.05 -> 0.01, --max_steps 4 -> 6" in said
+
+
 def test_resume_into_run_of_another_model_is_refused(straight, tmp_path):
     out_ref, _, _ = straight
     out = tmp_path / "other"

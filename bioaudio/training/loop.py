@@ -64,6 +64,7 @@ from bioaudio.training.rundir import (
     MetricsCSV,
     lock_run_dir,
     model_identity,
+    read_json_object,
     write_run_config,
 )
 from bioaudio.training.sampling import (
@@ -573,6 +574,7 @@ class Trainer(FeedMixin, StateMixin):
             self._load_state(resumed_from)
             if self.is_main_process:
                 self._set_aside_newer_states(self.step)
+                self._note_changed_options()
         else:
             set_seed(cfg.seed, device_specific=True)
         if self.is_main_process:
@@ -755,6 +757,27 @@ class Trainer(FeedMixin, StateMixin):
         if getattr(self, "_finite_weights", True) and not unchanged:
             self._export("export")
         return final_eval
+
+    # Training options whose change on resume is worth a line (the rest is logistics).
+    _NOTED_OPTIONS = ("lr", "min_lr_ratio", "warmup_steps", "max_steps", "batch_size",
+                      "grad_accum", "weight_decay", "clip_grad", "precision", "seed")  # fmt: skip
+
+    def _note_changed_options(self) -> None:
+        """Say which training options differ from the run's previous session (config.json is
+        rewritten with the new ones: the note is the record that they changed)."""
+        old = (read_json_object(self.out_dir / "config.json") or {}).get("train")
+        if not isinstance(old, dict):
+            return
+        new = to_dict(self.cfg)
+        changed = [
+            f"--{k} {old[k]} -> {new[k]}"
+            for k in self._NOTED_OPTIONS
+            if k in old and k in new and old[k] != new[k]
+        ]
+        if changed:
+            tqdm.write(
+                f"note: resuming at step {self.step} with changed options: {', '.join(changed)}"
+            )
 
     def _export_is_current(self) -> bool:
         """True when export/ was written at the current step (its config records the step)."""
