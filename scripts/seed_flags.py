@@ -142,11 +142,17 @@ def _positive_int(text: str) -> int:
     return value
 
 
+_positive_int.__name__ = "positive integer"  # argparse: "invalid positive integer value: 'x'"
+
+
 def _positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be positive, got {text}")
     return value
+
+
+_positive_float.__name__ = "positive number"
 
 
 def _non_negative(text: str) -> float:

@@ -800,3 +800,20 @@ def test_finished_runs_are_not_reused_for_a_changed_manifest(tmp_path, capsys):
     code, _, err = cli(capsys, "train-baseline", manifest, *args)
     one_line_error(err, "finished run on other data", "choose another --out")
     assert code == 2
+
+
+def test_messages_name_the_real_mistake(tmp_path):
+    from bioaudio.data.manifest import read_manifest
+    from bioaudio.errors import ConfigError, DataError
+    from bioaudio.inference.detect import read_thresholds
+    from bioaudio.training.sampling import weights_from_file
+
+    th = tmp_path / "th.csv"
+    th.write_text("foo,bar\nx,0.5\n")
+    with pytest.raises(ConfigError, match="header must be `class,threshold` \\(got foo,bar\\)"):
+        read_thresholds(th, ["a", "b"])
+    with pytest.raises(ConfigError, match="is a folder; give a CSV file"):
+        weights_from_file(tmp_path, pd.DataFrame({"path": ["a.wav"]}))
+    clip = wav(tmp_path / "a.wav")
+    with pytest.raises(DataError, match="is an audio file, not a manifest"):
+        read_manifest(clip)

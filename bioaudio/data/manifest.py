@@ -122,6 +122,9 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
     p = Path(path)
     if not p.is_file():
         raise DataError(f"manifest not found: {p}")
+    if is_audio_path(p):
+        raise DataError(f"{p} is an audio file, not a manifest: give its folder, or a manifest "
+                        "CSV made by `bioaudio prepare`")  # fmt: skip
     try:
         df = pd.read_csv(p, dtype={"labels": str, "recording": str, "source": str, "path": str})
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:

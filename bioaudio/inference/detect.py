@@ -234,6 +234,11 @@ def read_thresholds(path: str | Path, class_names: Sequence[str]) -> dict[str, f
         try:
             v = float(value)
         except ValueError:
+            if row is rows[0] and name not in class_names:  # a header of other names
+                raise ConfigError(
+                    f"--thresholds {p}: the header must be `class,threshold` (got "
+                    f"{','.join(c.strip() for c in row[:2])})"
+                ) from None
             raise ConfigError(f"--thresholds {p}: {value!r} ({name}) is not a number") from None
         if not 0.0 <= v <= 1.0:
             raise ConfigError(f"--thresholds {p}: {name} threshold {v:g} is outside [0, 1]")

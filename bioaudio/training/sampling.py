@@ -130,6 +130,8 @@ class RankBatchSampler(Sampler[list[int]]):
 def weights_from_file(path: Path, table: pd.DataFrame) -> np.ndarray:
     """Weights of a CSV `filename,weight` for the rows of `table` (matched by path, else by file
     name); every row must have one."""
+    if path.is_dir():
+        raise ConfigError(f"--weights {path} is a folder; give a CSV file of filename,weight")
     if not path.is_file():
         raise ConfigError(f"--weights {path}: no such file")
     try:
