@@ -311,6 +311,19 @@ def test_info_on_a_run_an_experiment_and_an_export(run, capsys):
     assert facts["provenance"]["training"]["seeds"]["seed"] == 42
 
 
+def test_info_says_when_an_export_is_damaged(run, tmp_path, capsys):
+    import shutil
+
+    _, out, _ = run
+    broken = tmp_path / "export"
+    shutil.copytree(out / "seed_42" / "export", broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-64])  # truncated after export
+    code, text, _ = cli(capsys, "info", broken)
+    assert code == 1
+    assert "PROBLEM" in text and "cannot be loaded" in text and "sha256" in text
+
+
 def test_info_on_an_official_checkpoint(official_fixtures, capsys):
     files = sorted(official_fixtures.glob("*.pt"))
     if not files:

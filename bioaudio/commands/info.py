@@ -39,4 +39,4 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps({"kind": d.kind, **d.data}, indent=2, default=str))
     else:
         print(d.text())
-    return 0
+    return 1 if d.data.get("problems") else 0  # a damaged export: said, and not "fine"

@@ -99,12 +99,15 @@ def find_runs(root: Path) -> list[Path]:
 # Facts
 
 
-def _parameters(path: Path) -> int | None:
+def _parameters(path: Path, problems: list[str] | None = None) -> int | None:
+    """Parameter count of a loadable model; None (and why, in `problems`) when it cannot load."""
     from bioaudio.models.checkpoint import load_model
 
     try:
         model = load_model(path)
-    except BioaudioError:
+    except BioaudioError as e:
+        if problems is not None:
+            problems.append(f"{path} cannot be loaded: {e}")
         return None
     return int(sum(p.numel() for p in model.parameters()))
 
@@ -112,12 +115,14 @@ def _parameters(path: Path) -> int | None:
 def _export_facts(p: Path, cfg: dict[str, Any], load: bool = True) -> dict[str, Any]:
     enc = cfg.get("encoder") if isinstance(cfg.get("encoder"), dict) else {}
     base = cfg.get("baseline") if isinstance(cfg.get("baseline"), dict) else {}
+    problems: list[str] = []
     return {
         "path": str(p.resolve()),
         "format": cfg.get("format"),
         "model_type": cfg.get("model_type") or cfg.get("tokenizer_type"),
         "architecture": base.get("name") or enc.get("preset") or None,
-        "parameters": _parameters(p) if load else None,
+        "parameters": _parameters(p, problems) if load else None,
+        "problems": problems,
         "class_names": cfg.get("class_names") or [],
         "multi_label": cfg.get("multi_label"),
         "provenance": cfg.get("provenance") or {},
@@ -384,6 +389,7 @@ def _export_text(d: Description) -> str:
     made = [f"{k} {prov[k]}" for k in ("created", "task", "command", "source") if prov.get(k)]
     if made:
         lines.append("  made        " + ", ".join(made))
+    lines += [f"  PROBLEM     {problem}" for problem in f.get("problems") or []]
     return "\n".join(lines + _provenance_lines(prov))
 
 
