@@ -262,6 +262,13 @@ def test_resuming_with_changed_training_options_says_so(tmp_path, capsys):
     assert "resuming at step 4 with changed options: --lr 0.05 -> 0.01, --max_steps 4 -> 6" in said
 
 
+def test_resuming_past_a_smaller_max_steps_is_refused(tmp_path):
+    out = tmp_path / "run"
+    run(make_cfg(out, max_steps=6, save_every=3, eval_every=0), ToyOptions(n_eval=0))
+    with pytest.raises(ConfigError, match="at step 6, past --max_steps 4"):
+        run(make_cfg(out, max_steps=4, eval_every=0, resume="auto"), ToyOptions(n_eval=0))
+
+
 def test_resume_into_run_of_another_model_is_refused(straight, tmp_path):
     out_ref, _, _ = straight
     out = tmp_path / "other"

@@ -572,6 +572,12 @@ class Trainer(FeedMixin, StateMixin):
         resumed_from = self.resume_dir
         if resumed_from is not None:
             self._load_state(resumed_from)
+            if self.step > cfg.max_steps:
+                raise ConfigError(
+                    f"the run to resume is at step {self.step}, past --max_steps "
+                    f"{cfg.max_steps} ({resumed_from}); give at least {self.step} steps, or "
+                    "another --out for a shorter run"
+                )
             if self.is_main_process:
                 self._set_aside_newer_states(self.step)
                 self._note_changed_options()
