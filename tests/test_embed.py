@@ -381,3 +381,22 @@ def test_a_file_too_short_for_a_window_is_listed_as_skipped(models, data_dir, tm
     assert [Path(p).name for p in skipped["path"]] == ["tiny.wav"]
     assert "no window" in skipped["reason"].iloc[0] and "skipped 1 file" in stdout
     assert set(EF.read_embeddings(out).rows["path"].map(lambda p: Path(p).name)) == {"ok.wav"}
+
+
+def test_a_rerun_says_which_rows_come_from_an_earlier_input(models, data_dir, tmp_path, capsys):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("SITEA_20240501_053000.wav", "20240710.wav"):
+        shutil.copy(data_dir / name, folder / name)
+    out = tmp_path / "e.parquet"
+    assert main(["embed", str(models["eat"]), str(folder), "--out", str(out), *ARGS]) == 0
+    capsys.readouterr()
+    (folder / "20240710.wav").unlink()
+    assert main(["embed", str(models["eat"]), str(folder), "--out", str(out), *ARGS]) == 0
+    said = capsys.readouterr().out
+    assert "note: 1 file(s) of e.parquet are not in this input" in said
+    assert main(["embed", str(models["eat"]), str(folder), "--out", str(out), *ARGS,
+                 "--overwrite"]) == 0  # fmt: skip
+    assert set(EF.read_embeddings(out).rows["path"].map(lambda p: Path(p).name)) == {
+        "SITEA_20240501_053000.wav"
+    }

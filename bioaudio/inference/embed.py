@@ -202,6 +202,7 @@ class EmbedResult:
     new_files: int
     already_done: int
     skipped: int
+    not_in_input: int
     dim: int
     processes: int
     audio_seconds: float
@@ -216,6 +217,11 @@ class EmbedResult:
             f"{self.out}: {self.rows} window(s) of {self.files} file(s), embedding dim {self.dim}",
         ]
         lines.append(f"skipped {self.skipped} file(s), reasons in {self.skipped_path}")
+        if self.not_in_input:
+            lines.append(
+                f"note: {self.not_in_input} file(s) of {self.out.name} are not in this input "
+                "(embedded by an earlier call; --overwrite rebuilds it from this input only)"
+            )
         return "\n".join(lines)
 
 
@@ -336,10 +342,15 @@ class _PartWriter:
 
 
 def _merge(
-    out: Path, provenance: dict[str, Any], input_skipped: pd.DataFrame, overwrite: bool
-) -> tuple[int, int, int]:
+    out: Path,
+    provenance: dict[str, Any],
+    input_skipped: pd.DataFrame,
+    overwrite: bool,
+    current: set[str],
+) -> tuple[int, int, int, int]:
     """Existing output + parts -> the output (sorted by path and time); skipped.csv beside it.
-    Returns (rows, files, skipped files)."""
+    Returns (rows, files, skipped files, files of the output that are not in `current`, the
+    input of this call: kept from an earlier one)."""
     parts = parts_dir(out)
     part_files = sorted(parts.glob("part-*.parquet")) if parts.is_dir() else []
     tables = []
@@ -369,7 +380,7 @@ def _merge(
     write_csv_atomic(sk[SKIPPED_COLUMNS], sk_path)
     n_skipped = int((sk["embeddings"] == out.name).sum())
     if not kept:
-        return 0, 0, n_skipped
+        return 0, 0, n_skipped, 0
     merged = pa.concat_tables(kept).sort_by([("path", "ascending"), ("start", "ascending")])
     merged = merged.replace_schema_metadata(
         schema(provenance["embedding_dim"], provenance).metadata
@@ -378,7 +389,7 @@ def _merge(
         with atomic_path(out) as tmp:
             pq.write_table(merged, tmp)
     shutil.rmtree(parts, ignore_errors=True)
-    return merged.num_rows, len(seen), n_skipped
+    return merged.num_rows, len(seen), n_skipped, len(seen - current)
 
 
 def embed_to_parquet(
@@ -464,7 +475,7 @@ def embed_to_parquet(
     if bar is not None:
         bar.close()
     _barrier(accelerator)
-    counts = [0, 0, 0]
+    counts = [0, 0, 0, 0]
     if main:
         prov = {
             "format": EMBEDDINGS_FORMAT,
@@ -476,7 +487,7 @@ def embed_to_parquet(
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "environment": runinfo.environment(),  # command line, versions, machine
         }
-        counts = list(_merge(out, prov, input_skipped, cfg.overwrite))
+        counts = list(_merge(out, prov, input_skipped, cfg.overwrite, set(map(str, files))))
     counts, new_files, audio = _share(accelerator, counts, new_files, audio_done[0])
     if counts[0] == 0:
         raise DataError(
@@ -491,6 +502,7 @@ def embed_to_parquet(
         new_files=new_files,
         already_done=len(set(files) & done),
         skipped=counts[2],
+        not_in_input=counts[3],
         dim=embedder.dim,
         processes=world,
         audio_seconds=audio,
