@@ -817,3 +817,16 @@ def test_messages_name_the_real_mistake(tmp_path):
     clip = wav(tmp_path / "a.wav")
     with pytest.raises(DataError, match="is an audio file, not a manifest"):
         read_manifest(clip)
+
+
+def test_an_out_path_that_cannot_be_a_folder_or_file_is_said_plainly(tmp_path):
+    from bioaudio.errors import ConfigError
+    from bioaudio.inference.embed import _check_out
+    from bioaudio.training.rundir import check_out_folder
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(ConfigError, match="is a file, not a folder"):
+        _check_out(afile / "x.parquet", overwrite=False)
+    with pytest.raises(ConfigError, match="is a file; give a folder for the run"):
+        check_out_folder(afile, "pretrain", "run")

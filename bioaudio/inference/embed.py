@@ -40,7 +40,7 @@ from bioaudio.data.manifest import (
     scan_audio,
 )
 from bioaudio.errors import ConfigError, DataError
-from bioaudio.fileio import atomic_path, is_audio_path, write_csv_atomic
+from bioaudio.fileio import atomic_path, check_writable, is_audio_path, write_csv_atomic
 from bioaudio.inference.embeddings import (
     EMBEDDINGS_FORMAT,
     EMBEDDINGS_VERSION,
@@ -235,6 +235,7 @@ def _check_out(out: Path, overwrite: bool) -> None:
         raise ConfigError(f"--out {out}: give a file name ending in .parquet")
     if out.is_dir():
         raise ConfigError(f"--out {out} is a folder; give a file name ending in .parquet")
+    check_writable(out)  # a parent that is a file, a read-only folder: said before any work
     if out.exists() and not overwrite:
         try:
             read_provenance(out)

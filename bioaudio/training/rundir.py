@@ -26,7 +26,7 @@ from torch import nn
 
 from bioaudio.config import to_dict
 from bioaudio.errors import ConfigError
-from bioaudio.fileio import atomic_path, save_json_atomic
+from bioaudio.fileio import atomic_path, check_writable, save_json_atomic
 
 STATE_FORMAT = 1
 STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -210,6 +210,9 @@ def check_out_folder(out: str | Path, command: str, kind: str) -> None:
     a command resumes it; another command's run or a folder of other files (audio, data) is
     never written into."""
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a folder for the run")
+    check_writable(out)
     if not out.is_dir():
         return
     entries = [e for e in out.iterdir() if not e.name.startswith(".")]
