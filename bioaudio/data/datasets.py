@@ -376,6 +376,7 @@ class AudioDataset(ReaderDataset, Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         index = int(index)
         tries = min(len(self), 50) if self.skip_errors else 1
+        last: Exception | None = None
         for k in range(tries):
             i = (index + k) % len(self)
             try:
@@ -389,7 +390,12 @@ class AudioDataset(ReaderDataset, Dataset):
                 if self._failed is not None:
                     self._failed[i] = True
                 warnings.warn(f"skipping unreadable audio: {e}", stacklevel=2)
-        raise DataError(f"{tries} consecutive unreadable files from row {index}; check the data")
+                last = e
+        files = len({self._paths[(index + k) % len(self)] for k in range(tries)})
+        raise DataError(
+            f"no readable audio in {tries} row(s) ({files} file(s)) from row {index} of "
+            f"{len(self)}, e.g. {last}; check the data"
+        )
 
 
 def unlabelled_clips(
