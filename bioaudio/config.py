@@ -171,9 +171,17 @@ def from_dict(cls: type[T], data: dict[str, Any], *, where: str = "config") -> T
     names = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(names))
     if unknown:
+        # a key that belongs one level down (e.g. `eat:` under `objectives:`): say where
+        homes = [
+            f"`{k}` goes under `{n}:`"
+            for k in unknown
+            for n in names
+            if dataclasses.is_dataclass(hints[n])
+            and k in {f.name for f in dataclasses.fields(hints[n])}
+        ]
         raise ConfigError(
             f"{where}: unknown option(s) {', '.join(unknown)} for {cls.__name__}"
-            f" (known: {', '.join(sorted(names))})"
+            + (f" ({'; '.join(homes)})" if homes else f" (known: {', '.join(sorted(names))})")
         )
     kwargs: dict[str, Any] = {}
     for name, value in data.items():

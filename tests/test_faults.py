@@ -830,3 +830,12 @@ def test_an_out_path_that_cannot_be_a_folder_or_file_is_said_plainly(tmp_path):
         _check_out(afile / "x.parquet", overwrite=False)
     with pytest.raises(ConfigError, match="is a file; give a folder for the run"):
         check_out_folder(afile, "pretrain", "run")
+
+
+def test_a_config_key_at_the_wrong_level_says_where_it_goes():
+    from bioaudio.commands.finetune import FinetuneConfig
+    from bioaudio.config import from_dict
+    from bioaudio.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="`time_width` goes under `spec:`"):
+        from_dict(FinetuneConfig, {"time_width": 5, "model_path": "m"})
