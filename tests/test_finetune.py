@@ -174,6 +174,7 @@ def test_per_sample_weights_file(tones, encoders, tmp_path):
         (["--layer_decay", "0"], "--layer_decay must be in (0, 1]"),
         (["--linear_probe", "--spec_augment"], "linear probe"),
         (["--mask_ratio", "1.5"], "--mask_ratio must be in (0, 1)"),
+        (["--clip_seconds", "1e9"], "longer than this model's longest input"),
     ],
 )
 def test_bad_input_fails_in_one_line(tones, encoders, tmp_path, capsys, extra, message):

@@ -140,6 +140,14 @@ def build_experiment(manifest: Path, cfg: FinetuneConfig) -> Experiment:
         mode = "CLS_TOKEN" if base.has_cls else "MEAN_POOLING"
     if cfg.linear_probe and mode == "CLS_TOKEN" and not base.has_cls:
         raise ConfigError("a linear probe of an encoder without CLS token: use MEAN_POOLING")
+    max_frames = getattr(base.encoder, "max_frames", None)
+    if max_frames:  # positions beyond the encoder's table do not exist: say so, not "out of memory"
+        longest = max_frames / base.frontend_cfg.frame_rate
+        if cfg.clip_seconds > longest + 1e-6:
+            raise ConfigError(
+                f"--clip_seconds {cfg.clip_seconds:g} is longer than this model's longest input "
+                f"({longest:.2f} s); use a shorter clip"
+            )
     frontend = base.frontend_cfg
     if cfg.stats is not None:
         frontend = apply_stats(frontend, cfg.stats)
