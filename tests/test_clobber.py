@@ -234,6 +234,6 @@ def test_evaluate_skips_and_lists_unreadable_files_and_counts_unlabelled_ones(
     record = json.loads((out / "test_metrics.json").read_text())
     assert record["unreadable"] == 1 and record["unlabelled"] == 1
     assert record["n"] == len(df) - 2
-    skipped = pd.read_csv(out / "skipped.csv")
+    skipped = pd.read_csv(out / "test_skipped.csv")
     assert [Path(p).name for p in skipped["path"]] == [Path(broken).name]
     assert "1 unreadable file(s) skipped" in stdout and "1 unlabelled clip(s)" in stdout

@@ -57,6 +57,6 @@ def run(args: argparse.Namespace) -> int:
             print(f"note: {record['unlabelled']} unlabelled clip(s) predicted but not scored")
         if record.get("unreadable"):
             print(f"note: {record['unreadable']} unreadable file(s) skipped, listed in "
-                  f"{Path(record['out']) / 'skipped.csv'}")  # fmt: skip
+                  f"{Path(record['out']) / 'test_skipped.csv'}")  # fmt: skip
         print(f"results: {record['out']} (test_metrics.json, test_predictions.csv, report.md)")
     return 0

@@ -45,7 +45,7 @@ TEST_PREDICTIONS = "test_predictions.csv"
 WRITTEN_BY = "bioaudio evaluate"  # test_metrics.json's "written_by": the folder is evaluate's
 EVALUATE_FILES = (TEST_METRICS, TEST_PREDICTIONS, "class_names.json", "confusion_counts.csv",
                   "confusion_normalised.csv", "confusion.png", "confusion_counts.png",
-                  "pr_curves.png", "report.md", "skipped.csv")  # fmt: skip
+                  "pr_curves.png", "report.md", "test_skipped.csv")  # fmt: skip
 RUN_FILES = ("config.json", "summary.json")  # a training run's (or an export's) own files
 
 
@@ -293,7 +293,11 @@ def _report(record: dict[str, Any], class_names: list[str], multi_label: bool, o
             if record["not_predicted"]
             else ""
         )
-        + (f"; {record['unreadable']} unreadable (skipped.csv)" if record["unreadable"] else "")
+        + (
+            f"; {record['unreadable']} unreadable (test_skipped.csv)"
+            if record["unreadable"]
+            else ""
+        )
         + (
             f"; {record['unlabelled']} unlabelled (predicted, not scored)"
             if record["unlabelled"]
@@ -346,7 +350,7 @@ def evaluate(
         device=device,
         progress=cfg.progress and main,
         desc="evaluate",
-        skip_errors=True,  # an unreadable file is left out, listed in OUT/skipped.csv
+        skip_errors=True,  # an unreadable file is left out, listed in OUT/test_skipped.csv
     )
     if len(clips.rows) == 0:
         raise DataError(f"none of the {len(df)} clip(s) of {manifest} could be read")
@@ -377,9 +381,11 @@ def evaluate(
         title = export.name if export.name not in ("best", "export") else export.parent.name
         write_test_outputs(out, df, clips, names, multi, report, title=title)
         if skipped:
-            write_csv_atomic(pd.DataFrame(skipped, columns=["path", "reason"]), out / "skipped.csv")
+            write_csv_atomic(
+                pd.DataFrame(skipped, columns=["path", "reason"]), out / "test_skipped.csv"
+            )
         else:  # an earlier evaluation's list (the folder is evaluate's: checked above)
-            (out / "skipped.csv").unlink(missing_ok=True)
+            (out / "test_skipped.csv").unlink(missing_ok=True)
         _report(record, names, multi, out)
     if accelerator is not None:
         accelerator.wait_for_everyone()
