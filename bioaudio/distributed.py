@@ -30,3 +30,16 @@ def start_accelerator(**kwargs: Any) -> Any:
             "them without a GPU, so they are untested); use DDP (`accelerate launch --multi_gpu`)"
         )
     return acc
+
+
+def any_process(acc: Any) -> Any:
+    """For `AudioDataset.failed_paths(combine=...)`: a function mapping this process's per-row
+    flags to "set on any process" (a collective: every process must call it), or None when
+    there is one process."""
+    if acc.num_processes == 1:
+        return None
+
+    def combine(flags: Any) -> Any:
+        return acc.reduce(flags.to(acc.device).long(), reduction="sum").cpu() > 0
+
+    return combine

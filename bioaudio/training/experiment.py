@@ -53,6 +53,7 @@ from bioaudio.data.features import FeatureDataset, find_cache, frames_for_second
 from bioaudio.data.frontend import FrontendConfig
 from bioaudio.data.manifest import read_manifest, split_labels
 from bioaudio.data.splits import SplitConfig
+from bioaudio.distributed import any_process
 from bioaudio.errors import ConfigError, DataError, first_line
 from bioaudio.fileio import check_writable, save_json_atomic, write_csv_atomic
 from bioaudio.training.artifacts import (
@@ -73,6 +74,7 @@ from bioaudio.training.rundir import (
     identity_differences,
     model_identity,
     read_json_object,
+    read_skipped,
 )
 from bioaudio.training.runsplits import fold_splits, split_rows
 from bioaudio.training.sampling import weights_from_file
@@ -462,25 +464,17 @@ class Experiment:
                 if path in mine:
                     rows.setdefault(path, reason)
 
-        def every_process(flags: torch.Tensor) -> torch.Tensor:  # each marks what it read
-            return acc.reduce(flags.to(acc.device).long(), reduction="sum").cpu() > 0
-
         for ds in datasets:
             if not isinstance(ds, AudioDataset):
                 continue
-            for path in ds.failed_paths(every_process if acc.num_processes > 1 else None):
+            for path in ds.failed_paths(any_process(acc)):  # each process marks what it read
                 rows.setdefault(path, decode_failure_reason(path))
         for path, reason in (extra or {}).items():
             rows.setdefault(path, reason)
         if acc.is_main_process:
             csv_path = run_dir / "skipped.csv"
-            if csv_path.is_file():  # a resumed run: the files skipped before still count
-                try:
-                    old = pd.read_csv(csv_path, dtype=str).fillna("")
-                    for path, reason in zip(old["path"], old["reason"]):
-                        rows.setdefault(path, reason)
-                except (pd.errors.ParserError, pd.errors.EmptyDataError, KeyError):
-                    pass
+            for path, reason in read_skipped(csv_path).items():  # a resumed run's earlier ones
+                rows.setdefault(path, reason)
             if rows:
                 table = pd.DataFrame(list(rows.items()), columns=["path", "reason"])
                 write_csv_atomic(table, csv_path)

@@ -490,24 +490,17 @@ def _list_unreadable(trainer: Any, dataset: Any, skipped: Any, csv: Path, say: A
     import pandas as pd
 
     from bioaudio.data.audio import decode_failure_reason
+    from bioaudio.distributed import any_process
     from bioaudio.fileio import write_csv_atomic
+    from bioaudio.training.rundir import read_skipped
 
-    acc = trainer.accelerator
-
-    def every_process(flags: torch.Tensor) -> torch.Tensor:
-        return acc.reduce(flags.to(acc.device).long(), reduction="sum").cpu() > 0
-
-    failed = dataset.clips.failed_paths(every_process if acc.num_processes > 1 else None)
+    failed = dataset.clips.failed_paths(any_process(trainer.accelerator))
     if not trainer.is_main_process:
         return
     rows = {str(p): str(r) for p, r in zip(skipped["path"], skipped["reason"])}
     before = len(rows)
-    if csv.is_file():  # a resumed run: what its earlier sessions could not read still counts
-        try:
-            old = pd.read_csv(csv, dtype=str).fillna("")
-            rows.update({p: r for p, r in zip(old["path"], old["reason"]) if p not in rows})
-        except (pd.errors.ParserError, pd.errors.EmptyDataError, KeyError):
-            pass
+    for path, reason in read_skipped(csv).items():  # a resumed run's earlier sessions
+        rows.setdefault(path, reason)
     for path in failed:
         rows.setdefault(path, decode_failure_reason(path))
     if len(rows) > before:

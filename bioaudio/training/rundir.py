@@ -219,7 +219,8 @@ def check_out_folder(out: str | Path, command: str, kind: str) -> None:
     if not entries:
         return
     here = _command_of(out)
-    runs = {e.name: _command_of(e) for e in entries if e.is_dir() and _command_of(e) is not None}
+    found = {e.name: _command_of(e) for e in entries if e.is_dir()}
+    runs = {name: cmd for name, cmd in found.items() if cmd is not None}
     hint = "; choose a new or empty --out folder"
     if kind == "run":
         if here is not None and here != command:
@@ -243,3 +244,17 @@ def check_out_folder(out: str | Path, command: str, kind: str) -> None:
     if here is None and not runs and foreign:
         shown = ", ".join(foreign[:3]) + (" ..." if len(foreign) > 3 else "")
         raise ConfigError(f"--out {out} is not empty and holds no {command} run ({shown}){hint}")
+
+
+def read_skipped(csv_path: Path) -> dict[str, str]:
+    """path -> reason of a run's skipped.csv (empty when missing or unreadable): what a resumed
+    run's earlier sessions could not read still counts."""
+    import pandas as pd
+
+    if not csv_path.is_file():
+        return {}
+    try:
+        old = pd.read_csv(csv_path, dtype=str).fillna("")
+        return dict(zip(old["path"], old["reason"]))
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, KeyError):
+        return {}
