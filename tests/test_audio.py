@@ -168,3 +168,39 @@ def test_fsspec_urls_read_windows_by_seeking(tmp_path, protocol):
     np.testing.assert_allclose(item["wav"].numpy(), x[2 * sr : 4 * sr], atol=1e-4)
     with pytest.raises(AudioDecodeError, match="no such file"):
         audio.info("memory://bucket/missing.flac")
+
+
+@pytest.mark.parametrize(
+    "ext,sr,channels", [("wav", 16000, 1), ("flac", 44100, 2), ("wav", 22050, 3)]
+)
+def test_load_windows_equals_load_window_by_window(tmp_path, ext, sr, channels):
+    """One read of the stretch several windows cover gives each window exactly as `load` does:
+    overlapping, out of order, touching the end, at the file's rate or resampled and
+    down-mixed."""
+    rng = np.random.default_rng(0)
+    x = (0.3 * rng.standard_normal((int(3.3 * sr), channels))).astype(np.float32)
+    p = tmp_path / f"a.{ext}"
+    sf.write(p, x, sr)
+    windows = [(0.5, 1.0), (0.0, 1.0), (1.0, 1.0), (1.25, 0.37), (2.5, 1.0), (3.0, 0.3001)]
+    for target in (16000, None):
+        got = audio.load_windows(p, target, windows)
+        assert len(got) == len(windows)
+        for (o, d), y in zip(windows, got):
+            ref = audio.load(p, target, offset=o, duration=d)
+            assert y.dtype == np.float32 and y.shape == ref.shape, (o, d, target)
+            assert np.array_equal(y, ref), (o, d, target)
+    a, b = audio.load_windows(p, 16000, [(0.0, 1.0), (0.5, 1.0)])
+    a[:] = 7.0  # overlapping windows never share a buffer
+    assert not np.any(b == 7.0)
+
+
+def test_load_windows_errors_as_load_does(tmp_path):
+    p = tmp_path / "a.wav"
+    sf.write(p, np.zeros(16000, np.float32), 16000)
+    with pytest.raises(AudioDecodeError, match="past the end"):
+        audio.load_windows(p, 16000, [(0.0, 0.5), (1.5, 0.5)])
+    with pytest.raises(AudioDecodeError, match="invalid window"):
+        audio.load_windows(p, 16000, [(0.0, 0.0)])
+    with pytest.raises(AudioDecodeError, match="no such file"):
+        audio.load_windows(tmp_path / "missing.wav", 16000, [(0.0, 0.5)])
+    assert audio.load_windows(p, 16000, []) == []

@@ -248,22 +248,30 @@ def test_batched_equals_batch_size_one(model, long_wav):
 
 
 def test_a_recording_is_streamed_window_by_window(model, long_wav, monkeypatch):
+    """Bounded reads: each batch's windows come from one read of the stretch they cover (never
+    the whole recording), and every window is read once."""
     from bioaudio.data import audio
 
-    asked: list[float | None] = []
-    real = audio.load
+    spans: list[tuple[int, float]] = []  # (windows, seconds decoded) per read
+    real_load, real_windows = audio.load, audio.load_windows
 
-    def spy(path, sample_rate=16000, offset=0.0, duration=None, mono=True):
-        asked.append(duration)
-        return real(path, sample_rate, offset, duration, mono)
+    def spy_load(path, sample_rate=16000, offset=0.0, duration=None, mono=True):
+        spans.append((1, duration))
+        return real_load(path, sample_rate, offset, duration, mono)
 
-    monkeypatch.setattr(audio, "load", spy)
-    monkeypatch.setattr(datasets, "load", spy)  # the window reader's own reference
+    def spy_windows(path, sample_rate, windows):
+        spans.append((len(windows), max(o + d for o, d in windows) - min(o for o, _ in windows)))
+        return real_windows(path, sample_rate, windows)
+
+    monkeypatch.setattr(datasets, "load", spy_load)  # the window reader's own references
+    monkeypatch.setattr(datasets, "load_windows", spy_windows)
     scorer = D.load_scorer(model)
     rule = D.event_rule(D.DetectConfig(), scorer.class_names)
     det = D.detect_file(scorer, long_wav, rule, WINDOW, HOP, batch_size=8)
-    assert len(asked) == len(det.windows) == 119  # one bounded read per window, no more
-    assert all(d is not None and d <= WINDOW + 1e-9 for d in asked)
+    assert len(det.windows) == 119
+    assert sum(n for n, _ in spans) == 119  # every window read once
+    assert len(spans) == 15  # one read per batch of 8
+    assert all(n <= 8 and d is not None and d <= WINDOW + (n - 1) * HOP + 1e-9 for n, d in spans)
 
 
 def test_short_and_unreadable_recordings_among_many(model, long_wav, tmp_path, capsys):

@@ -400,3 +400,55 @@ def test_a_rerun_says_which_rows_come_from_an_earlier_input(models, data_dir, tm
     assert set(EF.read_embeddings(out).rows["path"].map(lambda p: Path(p).name)) == {
         "SITEA_20240501_053000.wav"
     }
+
+
+def test_window_groups_decode_once_and_give_the_same_items(tmp_path, monkeypatch):
+    """Inference reads neighbouring windows of a file in one decode per batch: every item equals
+    the item read alone, and an unreadable window still gets its own reason."""
+    from bioaudio.data.datasets import unlabelled_clips
+    from bioaudio.inference import runner
+
+    rng = np.random.default_rng(1)
+    a, b = tmp_path / "a.wav", tmp_path / "b.flac"
+    sf.write(a, (0.2 * rng.standard_normal(16000 * 6)).astype(np.float32), 16000)
+    sf.write(b, (0.2 * rng.standard_normal((22050 * 3, 2))).astype(np.float32), 22050)
+    rows = [(a, s, s + 1.0) for s in np.arange(0, 5.5, 0.5)]  # hop half a window
+    rows += [(a, 5.5, 6.5), (b, 0.0, 1.0), (b, 0.5, 1.5), (b, 2.5, 3.5), (b, 9.0, 10.0)]
+    table = pd.DataFrame([(str(p), s, e) for p, s, e in rows], columns=["path", "start", "end"])
+    calls = []
+    real = audio.load_windows
+    monkeypatch.setattr(
+        "bioaudio.data.datasets.load_windows",
+        lambda p, sr, w: calls.append(len(w)) or real(p, sr, w),
+    )
+    windows = runner._Windows(table, 16000, batch_size=8)
+    one_by_one = unlabelled_clips(table, 16000)
+    for i in range(len(table)):
+        got = windows[i]
+        if i == len(table) - 1:  # past the end of b: its own reason, read alone
+            assert "past the end" in got["error"] and got["index"] == i
+            continue
+        ref = one_by_one[i]
+        assert set(got) == set(ref)
+        for k in ref:
+            same = torch.equal(got[k], ref[k]) if torch.is_tensor(ref[k]) else got[k] == ref[k]
+            assert same, (i, k)
+    # a: rows 0-7 (the first batch of 8), rows 8-11 (the second batch); b: rows 12-13; row 14
+    # starts 1 s (more than half a window) after 13 ends and row 15 is past the end: read alone
+    assert calls == [8, 4, 2]
+
+
+def test_read_groups_rules():
+    from bioaudio.inference.runner import read_groups
+
+    t = pd.DataFrame(
+        [("x", 0, 2), ("x", 1, 3), ("x", 3.9, 5.9), ("x", 7, 9), ("x", 1, 3), ("y", 1, 3),
+         ("y", 2, 4), ("y", 3, 5)],
+        columns=["path", "start", "end"],
+    )  # fmt: skip
+    first, end = read_groups(t, batch_size=7)
+    # x 0-2 (row 2 starts 0.9 s after row 1 ends: within half a window), row 3 1.1 s after:
+    # new group; row 4 goes back in time: new group; file y: new group; row 7 is a new batch
+    assert first.tolist() == [0, 0, 0, 3, 4, 5, 5, 7]
+    assert end.tolist() == [3, 3, 3, 4, 5, 7, 7, 8]
+    assert read_groups(t.iloc[:0], 4)[0].size == 0

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -160,22 +160,12 @@ def load(
     10-second window of a 10-hour FLAC costs about as much as a 10-second file.
     """
     p = _checked(path)
-    if offset < 0 or (duration is not None and duration <= 0):
-        raise AudioDecodeError(p, f"invalid window offset={offset} duration={duration}")
+    _check_window(p, offset, duration)
     try:  # one open for the header and the samples (a window read costs one open, not two)
         with _opened(p) as src, sf.SoundFile(src) as f:
             sr, frames = int(f.samplerate), int(f.frames)
             _check_header(p, sr, frames)
-            start = int(round(offset * sr))
-            if start >= frames:
-                raise AudioDecodeError(
-                    p, f"offset {offset:.3f}s is past the end ({frames / sr:.3f}s)"
-                )
-            n = (
-                frames - start
-                if duration is None
-                else min(int(math.ceil(duration * sr)), frames - start)
-            )
+            start, n = _frame_span(p, sr, frames, offset, duration)
             if start:
                 f.seek(start)
             data = f.read(n, dtype="float32", always_2d=True)
@@ -183,6 +173,68 @@ def load(
         raise
     except Exception as e:  # soundfile raises LibsndfileError, RuntimeError, TypeError...
         raise AudioDecodeError(p, _reason(e)) from e
+    return _finish(p, data, sr, sample_rate, duration, mono)
+
+
+def load_windows(
+    path: str | Path, sample_rate: int | None, windows: Sequence[tuple[float, float]]
+) -> list[np.ndarray]:
+    """Mono windows (offset, duration in seconds) of one file from one read of the stretch
+    they cover: each equals `load(path, sample_rate, offset, duration)` sample for sample (the
+    same frames, down-mixed and resampled window by window). Overlapping sliding windows (detect,
+    embed) so decode each stretch of a recording once instead of once per window. Raises
+    AudioDecodeError as `load` would for the first window that cannot be read."""
+    p = _checked(path)
+    for offset, duration in windows:
+        _check_window(p, offset, duration)
+    if not windows:
+        return []
+    try:
+        with _opened(p) as src, sf.SoundFile(src) as f:
+            sr, frames = int(f.samplerate), int(f.frames)
+            _check_header(p, sr, frames)
+            spans = [_frame_span(p, sr, frames, o, d) for o, d in windows]
+            first = min(s for s, _ in spans)
+            last = max(s + n for s, n in spans)
+            if first:
+                f.seek(first)
+            block = f.read(last - first, dtype="float32", always_2d=True)
+    except AudioDecodeError:
+        raise
+    except Exception as e:  # soundfile raises LibsndfileError, RuntimeError, TypeError...
+        raise AudioDecodeError(p, _reason(e)) from e
+    return [  # copies: overlapping windows must not share (and mutate) one buffer
+        np.array(_finish(p, block[s - first : s - first + n], sr, sample_rate, d, mono=True))
+        for (s, n), (_, d) in zip(spans, windows)
+    ]
+
+
+def _check_window(p: str | Path, offset: float, duration: float | None) -> None:
+    if offset < 0 or (duration is not None and duration <= 0):
+        raise AudioDecodeError(p, f"invalid window offset={offset} duration={duration}")
+
+
+def _frame_span(
+    p: str | Path, sr: int, frames: int, offset: float, duration: float | None
+) -> tuple[int, int]:
+    """(first frame, frame count) of the window [offset, offset + duration) s in the file."""
+    start = int(round(offset * sr))
+    if start >= frames:
+        raise AudioDecodeError(p, f"offset {offset:.3f}s is past the end ({frames / sr:.3f}s)")
+    if duration is None:
+        return start, frames - start
+    return start, min(int(math.ceil(duration * sr)), frames - start)
+
+
+def _finish(
+    p: str | Path,
+    data: np.ndarray,
+    sr: int,
+    sample_rate: int | None,
+    duration: float | None,
+    mono: bool,
+) -> np.ndarray:
+    """Decoded (frames, channels) -> what `load` returns: finite, down-mixed, resampled."""
     if data.shape[0] == 0:
         raise AudioDecodeError(p, "decoded no samples")
     if not np.isfinite(data).all():

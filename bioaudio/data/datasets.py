@@ -38,7 +38,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
-from bioaudio.data.audio import DEFAULT_SAMPLE_RATE, is_url, load, pad_or_crop
+from bioaudio.data.audio import DEFAULT_SAMPLE_RATE, is_url, load, load_windows, pad_or_crop
 from bioaudio.data.manifest import class_names_of, read_manifest, split_labels
 from bioaudio.errors import AudioDecodeError, ConfigError, DataError
 
@@ -219,6 +219,15 @@ class _ClipReader:
     def target(self, idx: tuple[int, ...]) -> torch.Tensor:
         return class_target(idx, len(self.class_names), self.multi_label)
 
+    def window(self, index: int, epoch: int, start: float, end: float) -> tuple[float, int, int]:
+        """(first second, samples to read, samples of the item) of a row's item."""
+        sr = self.sample_rate
+        n_seg = max(1, int(round((end - start) * sr)))
+        n_clip = n_seg if self.clip_seconds is None else int(round(self.clip_seconds * sr))
+        # samples into the segment
+        offset = crop_start(n_seg, n_clip, self.train, self.eval_crop, self.seed, epoch, index)
+        return start + offset / sr, min(n_seg, n_clip), n_clip
+
     def read(
         self,
         index: int,
@@ -228,14 +237,22 @@ class _ClipReader:
         end: float,
         label_idx: tuple[int, ...] | None,
     ) -> dict[str, Any]:
-        sr = self.sample_rate
-        n_seg = max(1, int(round((end - start) * sr)))
-        n_clip = n_seg if self.clip_seconds is None else int(round(self.clip_seconds * sr))
-        # samples into the segment
-        offset = crop_start(n_seg, n_clip, self.train, self.eval_crop, self.seed, epoch, index)
-        n_read = min(n_seg, n_clip)
-        t0 = start + offset / sr
-        x = load(path, sample_rate=sr, offset=t0, duration=n_read / sr)
+        t0, n_read, n_clip = self.window(index, epoch, start, end)
+        x = load(path, sample_rate=self.sample_rate, offset=t0, duration=n_read / self.sample_rate)
+        return self.item(index, epoch, path, t0, x, n_read, n_clip, label_idx)
+
+    def item(
+        self,
+        index: int,
+        epoch: int,
+        path: str,
+        t0: float,
+        x: np.ndarray,
+        n_read: int,
+        n_clip: int,
+        label_idx: tuple[int, ...] | None,
+    ) -> dict[str, Any]:
+        """The item of decoded samples `x` of a row's window (`window`)."""
         x = x[:n_read]  # a segment running past the file's end comes back short: padded below
         if self.wave_augment is not None:
             # augment the valid samples only, so gain / roll / noise never touch the padding
@@ -396,6 +413,22 @@ class AudioDataset(ReaderDataset, Dataset):
             f"no readable audio in {tries} row(s) ({files} file(s)) from row {index} of "
             f"{len(self)}, e.g. {last}; check the data"
         )
+
+    def read_span(self, rows: Sequence[int]) -> list[dict[str, Any]]:
+        """The items of `rows` (all of one file), decoded in one read of the stretch they cover
+        (`audio.load_windows`): each equals `self[i]` exactly. Raises AudioDecodeError without
+        skipping (a caller falls back to `self[i]`, which skips and records)."""
+        rows = [int(i) for i in rows]
+        if len({self._paths[i] for i in rows}) > 1:
+            raise ValueError("read_span: rows of more than one file")
+        r, epoch, sr = self.reader, self.epoch, self.reader.sample_rate
+        wins = [r.window(i, epoch, self._start[i], self._end[i]) for i in rows]
+        path = self._paths[rows[0]]
+        xs = load_windows(path, sr, [(t0, n_read / sr) for t0, n_read, _ in wins])
+        return [
+            r.item(i, epoch, path, t0, x, n_read, n_clip, self._labels[i])
+            for i, x, (t0, n_read, n_clip) in zip(rows, xs, wins)
+        ]
 
 
 def unlabelled_clips(

@@ -235,20 +235,65 @@ def load_embedder(
 
 
 class _Windows(Dataset):
-    """Windows read by seeking; an unreadable one becomes {"index", "error"} instead of raising."""
+    """Windows read by seeking; an unreadable one becomes {"index", "error"} instead of raising.
 
-    def __init__(self, windows: pd.DataFrame, sample_rate: int):
+    Neighbouring windows of one file in one batch (overlapping, or apart by less than half a
+    window) are decoded in one read (`AudioDataset.read_span`): a hop of half a window decodes
+    each stretch once, not twice, and a batch opens its file once. Items are the same as read
+    one by one; when a group cannot be read whole, its windows are read one by one (so each
+    unreadable one gets its own reason)."""
+
+    def __init__(self, windows: pd.DataFrame, sample_rate: int, batch_size: int = 1):
         # clip_seconds None: each item is exactly its window (no padding when alone)
         self.ds = unlabelled_clips(windows[["path", "start", "end"]], sample_rate)
+        self.group_start, self.group_end = read_groups(windows, batch_size)
+        self._pending: dict[int, dict[str, Any]] = {}  # read with an earlier window of its group
 
     def __len__(self) -> int:
         return len(self.ds)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
+        item = self._pending.pop(i, None)
+        if item is not None:
+            return item
+        a, b = int(self.group_start[i]), int(self.group_end[i])
+        if b - a > 1:
+            try:
+                items = self.ds.read_span(range(a, b))
+            except AudioDecodeError:
+                pass  # one by one below
+            else:
+                self._pending = {a + k: it for k, it in enumerate(items) if a + k != i}
+                return items[i - a]
         try:
             return self.ds[i]
         except AudioDecodeError as e:
             return {"index": int(i), "error": e.reason or str(e)}
+
+
+def read_groups(windows: pd.DataFrame, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(first row, row after the last) of the read group of each row of `windows` (path, start,
+    end): runs of rows of one file, in time order, each starting at most half a window after
+    the previous one ends, never across a batch of `batch_size` rows (a DataLoader worker reads
+    whole batches)."""
+    n = len(windows)
+    if n == 0:
+        return np.zeros(0, int), np.zeros(0, int)
+    paths = windows["path"].to_numpy()
+    s = windows["start"].to_numpy(float)
+    e = windows["end"].to_numpy(float)
+    k = np.arange(1, n)
+    new = np.ones(n, bool)
+    new[1:] = (
+        (paths[1:] != paths[:-1])
+        | (s[1:] < s[:-1])
+        | (s[1:] > e[:-1] + 0.5 * (e[1:] - s[1:]))
+        | (k % max(1, batch_size) == 0)
+    )
+    first = np.flatnonzero(new)
+    size = np.diff(np.r_[first, n])
+    start = np.repeat(first, size)
+    return start, start + np.repeat(size, size)
 
 
 def _collate(items: list[dict[str, Any]]) -> tuple[dict[str, Any] | None, list[tuple[int, str]]]:
@@ -294,7 +339,7 @@ def iter_file_embeddings(
     errors: dict[int, str] = {}
     done = np.zeros(len(windows), bool)
     loader = DataLoader(
-        _Windows(windows, embedder.sample_rate),
+        _Windows(windows, embedder.sample_rate, batch_size),
         batch_size=batch_size,
         shuffle=False,
         num_workers=num_workers,
