@@ -7,7 +7,8 @@
 Rows: EAT and BEATs (the CPU-sized `small` preset) from our own self-supervised pretraining
 (`benchmarks/ssl_probe.py` exports) and from random weights (the same architecture, its own
 initialisation), each as a linear probe (frozen encoder, `--linear_probe`) and fully finetuned;
-and the TinyMelCNN baseline trained under the same splits and epochs. Every run is an ordinary
+and the CNN baselines (TinyMelCNN, DroneCNN; `--baselines`) trained under the same splits and
+epochs. Every run is an ordinary
 `bioaudio finetune` / `train-baseline` command (printed before it runs, logged under OUT), with
 the toolkit's default hyper-parameters except the budget flags below; nothing is tuned on the
 test folds.
@@ -43,6 +44,11 @@ BENCH_SUITE = {
     "needs": ["../shared/data", "runs/ssl_probe"],
 }
 EXPORTS = {"eat": "pretrain_eat", "beats": "pretrain_beats"}  # ssl_probe run names
+BASELINE_NAMES = {
+    "tiny_mel_cnn": "TinyMelCNN",
+    "drone_cnn": "DroneCNN",
+    "genre_cnn": "KerasGenreCNN",
+}
 
 
 def bioaudio(*args: object, log: Path | None = None) -> float:
@@ -108,6 +114,10 @@ def main() -> int:
     parser.add_argument("--modes", default="linear,full", help="linear (probe) and/or full")
     parser.add_argument("--inits", default="pretrained,random")
     parser.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument(
+        "--baselines", default="tiny_mel_cnn,drone_cnn",
+        help="comma-separated `train-baseline --model` names (CNN baselines of the table)",
+    )  # fmt: skip
     parser.add_argument("--preset", default="small")
     parser.add_argument("--epochs", type=float, default=10, help="full finetuning epochs")
     parser.add_argument("--probe_epochs", type=float, default=30, help="linear-probe epochs")
@@ -139,7 +149,7 @@ def main() -> int:
     for task in args.tasks.split(","):
         common = [paths[task], "--clip_seconds", clip[task], "--batch_size", args.batch_size,
                   "--seeds", args.seed, "--no-progress", "--num_workers", 2, *protocol[task]]  # fmt: skip
-        for model_type in args.models.split(","):
+        for model_type in [m for m in args.models.split(",") if m]:  # --models "": CNNs only
             for init in args.inits.split(","):
                 if init == "pretrained":
                     model_path = args.pretrained / EXPORTS[model_type] / "export"
@@ -161,16 +171,16 @@ def main() -> int:
                     what = {"task": task, "model": f"{model_type} {args.preset}", "init": init,
                             "mode": "linear probe" if mode == "linear" else "full finetune"}  # fmt: skip
                     record(key, what, run_root, seconds)
-        if args.baseline:
-            key = f"{task}/tiny_mel_cnn"
-            run_root = args.out / f"{task}_tiny_mel_cnn"
+        for base in args.baselines.split(",") if args.baseline else []:
+            key = f"{task}/{base}"
+            run_root = args.out / f"{task}_{base}"
             seconds = 0.0
             if not (run_root / "run_summary.csv").is_file():
-                seconds = bioaudio("train-baseline", *common, "--model", "tiny_mel_cnn",
+                seconds = bioaudio("train-baseline", *common, "--model", base,
                                    "--frontend", "logmel", "--n_mels", 128, "--epochs", args.epochs,
                                    "--out", run_root, log=args.out / f"{run_root.name}.log")  # fmt: skip
-            what = {"task": task, "model": "TinyMelCNN (log-mel 128)", "init": "random",
-                    "mode": "supervised"}  # fmt: skip
+            what = {"task": task, "model": f"{BASELINE_NAMES.get(base, base)} (log-mel 128)",
+                    "init": "random", "mode": "supervised"}  # fmt: skip
             record(key, what, run_root, seconds)
 
     lines = [
