@@ -323,7 +323,19 @@ class BEATsTransformer(nn.Module):
 
     def pos_conv_embed(self, x: torch.Tensor) -> torch.Tensor:
         """GELU(conv(x)) over the token sequence (B, N, D) -> (B, N, D)."""
-        y = self.pos_conv[0](x.transpose(1, 2))  # (B, D, N + 1 if the kernel is even)
+        conv = self.pos_conv[0]
+        if (
+            x.device.type == "cpu"
+            and torch.is_autocast_enabled("cpu")
+            and conv.in_channels // conv.groups < 32
+        ):
+            # oneDNN's bf16 grouped conv1d is wrong on AMX CPUs for narrow groups (torch 2.14:
+            # relative error ~1 with 4-8 channels per group and kernels >= 16; 16+ are right).
+            # Narrow groups only occur in the small presets, where fp32 costs nothing.
+            with torch.autocast("cpu", enabled=False):
+                y = conv(x.float().transpose(1, 2)).to(x.dtype)
+        else:
+            y = conv(x.transpose(1, 2))  # (B, D, N + 1 if the kernel is even)
         if self.cfg.conv_pos % 2 == 0:
             y = y[:, :, :-1]
         return F.gelu(y).transpose(1, 2)

@@ -280,3 +280,16 @@ def test_input_shorter_than_one_patch_is_a_data_error():
     with pytest.raises(DataError, match="shorter than one 16-frame patch"):
         model.embed(torch.zeros(1, 1000))  # 4 frames
     assert model.embed(torch.zeros(1, 3000)).shape == (1, 64)  # 17 frames: one patch
+
+
+def test_narrow_pos_conv_runs_in_fp32_under_cpu_autocast():
+    # oneDNN's AMX bf16 grouped conv1d is wrong for 4 channels per group (the tiny preset):
+    # the positional conv must give its fp32 result under CPU autocast on every CPU.
+    enc = _tiny().encoder.encoder
+    x = torch.randn(2, 80, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = enc.pos_conv_embed(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = enc.pos_conv_embed(x)
+    assert low.dtype == torch.float32
+    torch.testing.assert_close(low, ref)
