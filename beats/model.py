@@ -322,23 +322,23 @@ class BEATsTransformer(nn.Module):
         return self.relative_attention_bias(bucket).permute(0, 3, 1, 2)  # (b, H, n, n)
 
     def pos_conv_embed(self, x: torch.Tensor) -> torch.Tensor:
-        """GELU(conv(x)) over the token sequence (B, N, D) -> (B, N, D)."""
+        """GELU(conv(x)) over the token sequence (B, N, D) -> (B, N, D).
+
+        The weight-normed grouped conv (kernel 128 in every release) runs through the FFT
+        (`grouped_conv1d_fft`, the same numbers to fp32 rounding): direct grouped convolution
+        with a long kernel runs far below the matmul peak on CPU and took a third of a small
+        model's masked pretraining step. It runs in fp32 under autocast (torch.fft has no bf16
+        for most lengths, and oneDNN's AMX bf16 grouped conv1d is wrong for narrow groups).
+        """
         conv = self.pos_conv[0]
-        if (
-            x.device.type == "cpu"
-            and torch.is_autocast_enabled("cpu")
-            and conv.in_channels // conv.groups < 32
-        ):
-            # oneDNN's bf16 grouped conv1d is wrong on AMX CPUs for narrow groups (torch 2.14:
-            # relative error ~1 with 4-8 channels per group and kernels >= 16; 16+ are right).
-            # Narrow groups only occur in the small presets, where fp32 costs nothing.
-            with torch.autocast("cpu", enabled=False):
-                y = conv(x.float().transpose(1, 2)).to(x.dtype)
-        else:
-            y = conv(x.transpose(1, 2))  # (B, D, N + 1 if the kernel is even)
+        with torch.autocast(x.device.type, enabled=False):
+            y = grouped_conv1d_fft(
+                x.float().transpose(1, 2), conv.weight.float(), conv.bias.float(),
+                conv.groups, conv.padding[0],
+            )  # fmt: skip
         if self.cfg.conv_pos % 2 == 0:
-            y = y[:, :, :-1]
-        return F.gelu(y).transpose(1, 2)
+            y = y[:, :, :-1]  # (B, D, N + 1) for an even kernel
+        return F.gelu(y).transpose(1, 2).to(x.dtype)
 
     def forward(
         self,
@@ -393,6 +393,50 @@ class BEATsTransformer(nn.Module):
         if cls_token is not None:
             return x[:, 1:], x[:, 0], padding_mask
         return x, None, padding_mask
+
+
+def fft_size(n: int) -> int:
+    """The smallest 5-smooth integer >= n (a length FFTs handle fast)."""
+    m = max(1, n)
+    while True:
+        k = m
+        for p in (2, 3, 5):
+            while k % p == 0:
+                k //= p
+        if k == 1:
+            return m
+        m += 1
+
+
+def grouped_conv1d_fft(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, groups: int, padding: int
+) -> torch.Tensor:
+    """`F.conv1d(x, weight, bias, padding=padding, groups=groups)` through the FFT.
+
+    x (B, C, N), weight (C_out, C / groups, K), 0 <= padding <= K - 1 -> (B, C_out,
+    N + 2 * padding - K + 1). Cross-correlation is the linear convolution with the flipped
+    kernel; both are zero-padded to a fast length L >= N + K - 1, so nothing wraps around, and
+    each frequency bin mixes the channels of a group with one small complex matmul.
+    """
+    b, c, n = x.shape
+    c_out, c_group, k = weight.shape
+    if c != c_group * groups or c_out % groups or not 0 <= padding <= k - 1:
+        raise ValueError(
+            f"grouped_conv1d_fft: input channels {c}, weight {tuple(weight.shape)}, "
+            f"groups {groups}, padding {padding} do not fit"
+        )
+    o_group = c_out // groups
+    size = fft_size(n + k - 1)
+    xf = torch.fft.rfft(x, n=size)  # (B, C, F)
+    wf = torch.fft.rfft(weight.flip(-1), n=size)  # (C_out, C / g, F)
+    n_freq = xf.shape[-1]
+    xf = xf.view(b, groups, c_group, n_freq).permute(3, 1, 0, 2)  # (F, g, B, C / g)
+    wf = wf.view(groups, o_group, c_group, n_freq).permute(3, 0, 2, 1)  # (F, g, C / g, O / g)
+    yf = torch.matmul(xf, wf).permute(2, 1, 3, 0).reshape(b, c_out, n_freq)
+    y = torch.fft.irfft(yf, n=size)
+    start = k - 1 - padding
+    y = y[..., start : start + n + 2 * padding - k + 1]
+    return y if bias is None else y + bias[:, None]
 
 
 def _or(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:

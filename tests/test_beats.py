@@ -6,9 +6,10 @@ import dataclasses
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from beats.convert import config_from_official, convert_state_dict
-from beats.model import BEATsConfig
+from beats.model import BEATsConfig, fft_size, grouped_conv1d_fft
 from bioaudio import load_model
 from bioaudio.errors import ConfigError, DataError
 from bioaudio.models.audio_model import build_model
@@ -293,3 +294,47 @@ def test_narrow_pos_conv_runs_in_fp32_under_cpu_autocast():
             low = enc.pos_conv_embed(x)
     assert low.dtype == torch.float32
     torch.testing.assert_close(low, ref)
+
+
+@pytest.mark.parametrize(
+    "c, groups, k, pad, n",
+    [(64, 16, 128, 64, 80), (64, 16, 128, 64, 3), (48, 4, 7, 3, 50), (32, 1, 5, 0, 9),
+     (32, 8, 16, 15, 20), (16, 16, 1, 0, 6)],
+)  # fmt: skip
+def test_grouped_conv1d_fft_equals_conv1d(c, groups, k, pad, n):
+    g = torch.Generator().manual_seed(k + n)
+    x = torch.randn(3, c, n, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(c, c // groups, k, generator=g, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(c, generator=g, dtype=torch.float64, requires_grad=True)
+    ref = F.conv1d(x, w, bias, padding=pad, groups=groups)
+    out = grouped_conv1d_fft(x, w, bias, groups, pad)
+    assert out.shape == ref.shape
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    up = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    grads_ref = torch.autograd.grad((ref * up).sum(), (x, w, bias))
+    grads = torch.autograd.grad((out * up).sum(), (x, w, bias))
+    for a, b in zip(grads, grads_ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_grouped_conv1d_fft_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="do not fit"):
+        grouped_conv1d_fft(torch.randn(1, 8, 10), torch.randn(8, 3, 5), None, 2, 2)
+    with pytest.raises(ValueError, match="do not fit"):
+        grouped_conv1d_fft(torch.randn(1, 8, 10), torch.randn(8, 4, 5), None, 2, 5)
+
+
+def test_fft_size_is_the_next_5_smooth_length():
+    assert [fft_size(n) for n in (1, 7, 11, 13, 127, 623)] == [1, 8, 12, 15, 128, 625]
+
+
+def test_pos_conv_equals_the_direct_weight_normed_conv():
+    enc = _tiny().encoder.encoder
+    conv = enc.pos_conv[0]
+    x = torch.randn(2, 37, 64, generator=torch.Generator().manual_seed(3), requires_grad=True)
+    direct = F.gelu(conv(x.transpose(1, 2))[:, :, :-1]).transpose(1, 2)
+    fft = enc.pos_conv_embed(x)
+    torch.testing.assert_close(fft, direct, rtol=1e-5, atol=1e-5)
+    g1 = torch.autograd.grad(direct.square().sum(), conv.parametrizations.weight.original1)[0]
+    g2 = torch.autograd.grad(fft.square().sum(), conv.parametrizations.weight.original1)[0]
+    torch.testing.assert_close(g2, g1, rtol=1e-4, atol=1e-5)
