@@ -408,15 +408,61 @@ def fft_size(n: int) -> int:
         m += 1
 
 
+class _PaddedRFFT(torch.autograd.Function):
+    """`torch.fft.rfft(w, n)` of a real `w` (..., K), K <= n, n even, with a cheap backward.
+
+    The adjoint of the zero-padded real FFT is one inverse real FFT: grad_w = n *
+    irfft(g with the bins strictly between 0 and n / 2 halved)[..., :K]. Autograd's generic
+    backward instead pads to a full complex signal and runs a complex FFT, which cost more than
+    the whole forward for the positional convolution's kernel (C x C / groups signals).
+    """
+
+    @staticmethod
+    def forward(ctx, w: torch.Tensor, n: int) -> torch.Tensor:
+        ctx.k, ctx.n = w.shape[-1], n
+        return torch.fft.rfft(w, n=n)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        h = g.clone()
+        h[..., 1:-1] *= 0.5
+        return torch.fft.irfft(h, n=ctx.n)[..., : ctx.k] * ctx.n, None
+
+
+def _block_fft_size(n_out: int, k: int, batch: int, c_group: int) -> int:
+    """Overlap-save block length L (even, 5-smooth) for outputs n_out, kernel k.
+
+    Each block of L inputs gives L - k + 1 outputs. Per channel the work is about
+    batch * blocks * (2 L log L + 4 F c_group) for the signal FFTs and the per-bin products, plus
+    c_group * L log L for the kernel's spectrum (F = L / 2 + 1): short blocks waste work on the
+    overlap, long ones inflate the kernel's spectrum; take the cheapest candidate.
+    """
+    candidates = {fft_size(m) for m in (2 * k, 3 * k, 4 * k, 6 * k, 8 * k, n_out + k - 1)}
+    best, best_cost = 0, float("inf")
+    for size in sorted(candidates):
+        size += size % 2  # even, so the last bin is the Nyquist bin (_PaddedRFFT)
+        if size > fft_size(n_out + k - 1) + 1 and best:
+            break
+        step = size - k + 1
+        blocks = -(-n_out // step)
+        log = math.log2(size)
+        cost = batch * blocks * (2 * size * log + 4 * (size // 2 + 1) * c_group)
+        cost += c_group * size * log
+        if cost < best_cost:
+            best, best_cost = size, cost
+    return best
+
+
 def grouped_conv1d_fft(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, groups: int, padding: int
 ) -> torch.Tensor:
     """`F.conv1d(x, weight, bias, padding=padding, groups=groups)` through the FFT.
 
     x (B, C, N), weight (C_out, C / groups, K), 0 <= padding <= K - 1 -> (B, C_out,
-    N + 2 * padding - K + 1). Cross-correlation is the linear convolution with the flipped
-    kernel; both are zero-padded to a fast length L >= N + K - 1, so nothing wraps around, and
-    each frequency bin mixes the channels of a group with one small complex matmul.
+    N + 2 * padding - K + 1). Overlap-save: the padded input is cut into blocks of L samples
+    that overlap by K - 1; in each block the cross-correlation is the circular convolution
+    with the flipped kernel, valid (nothing wrapped) at its last L - K + 1 samples. Each
+    frequency bin mixes the channels of a group with one small complex matmul.
     """
     b, c, n = x.shape
     c_out, c_group, k = weight.shape
@@ -426,16 +472,22 @@ def grouped_conv1d_fft(
             f"groups {groups}, padding {padding} do not fit"
         )
     o_group = c_out // groups
-    size = fft_size(n + k - 1)
-    xf = torch.fft.rfft(x, n=size)  # (B, C, F)
-    wf = torch.fft.rfft(weight.flip(-1), n=size)  # (C_out, C / g, F)
+    n_out = n + 2 * padding - k + 1
+    size = _block_fft_size(n_out, k, b, c_group)
+    step = size - k + 1
+    blocks = -(-n_out // step)
+    x = F.pad(x, (padding, padding + blocks * step - n_out))  # length blocks * step + K - 1
+    segments = x.unfold(-1, size, step)  # (B, C, blocks, L)
+    xf = torch.fft.rfft(segments, n=size)  # (B, C, blocks, F)
+    wf = _PaddedRFFT.apply(weight.flip(-1), size)  # (C_out, C / g, F)
     n_freq = xf.shape[-1]
-    xf = xf.view(b, groups, c_group, n_freq).permute(3, 1, 0, 2)  # (F, g, B, C / g)
+    xf = xf.view(b, groups, c_group, blocks, n_freq).permute(4, 1, 0, 3, 2)
+    xf = xf.reshape(n_freq, groups, b * blocks, c_group)
     wf = wf.view(groups, o_group, c_group, n_freq).permute(3, 0, 2, 1)  # (F, g, C / g, O / g)
-    yf = torch.matmul(xf, wf).permute(2, 1, 3, 0).reshape(b, c_out, n_freq)
-    y = torch.fft.irfft(yf, n=size)
-    start = k - 1 - padding
-    y = y[..., start : start + n + 2 * padding - k + 1]
+    yf = torch.matmul(xf, wf).view(n_freq, groups, b, blocks, o_group)
+    yf = yf.permute(2, 1, 4, 3, 0).reshape(b, c_out, blocks, n_freq)
+    y = torch.fft.irfft(yf, n=size)[..., k - 1 :]  # (B, C_out, blocks, step)
+    y = y.reshape(b, c_out, blocks * step)[..., :n_out]
     return y if bias is None else y + bias[:, None]
 
 

@@ -14,7 +14,8 @@ machine's and vary with its load):
 Every step is the code path training uses (`PretrainTask` objectives, forward + backward +
 AdamW). The full-sequence variants are the same objectives with `keep` replaced by "keep all"
 and masked tokens overwritten by a learned mask embedding (what an encoder without token
-dropping must compute).
+dropping must compute). The two sides of each ratio are built first and their steps
+interleaved (A B, B A, ...), so that load on this shared machine hits both alike.
 
 Figures (`--json`, `bioaudio bench`): the three ratios with their targets, and per preset the
 training step's steps/s and MFU (reported, no target).
@@ -36,7 +37,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bioaudio.benchreport import Report, add_suite_arguments  # noqa: E402
+from bioaudio.benchreport import Report, add_suite_arguments, interleaved_times  # noqa: E402
 from bioaudio.models.audio_model import build_model  # noqa: E402
 from bioaudio.training.objectives import PretrainInputs  # noqa: E402
 from bioaudio.training.optim import make_adamw  # noqa: E402
@@ -93,6 +94,13 @@ def time_steps(fn, iters: int) -> float:
     return statistics.median(times)
 
 
+def paired_rates(a: tuple, b: tuple, rounds: int) -> tuple[float, float]:
+    """Items per second of two (step function, items per step) setups, their steps interleaved
+    A B, B A, ... after one warm-up round, so that load and clock drift hit both alike (medians)."""
+    times = interleaved_times({"a": a[0], "b": b[0]}, rounds, warmup=1)
+    return a[1] / statistics.median(times["a"]), b[1] / statistics.median(times["b"])
+
+
 def objective_step(model, objective, params, fbank, seed: int = 0):
     opt = make_adamw(params, lr=1e-4)
 
@@ -108,8 +116,8 @@ def objective_step(model, objective, params, fbank, seed: int = 0):
     return run
 
 
-def eat_views(preset: str, batch: int, clone: int, seconds: float, iters: int, full: bool) -> float:
-    """Student views per second of the EAT objective."""
+def eat_views(preset: str, batch: int, clone: int, seconds: float, full: bool) -> tuple:
+    """(one step of the EAT objective, student views per step)."""
     from eat.objective import EATObjective, EATObjectiveConfig
 
     torch.manual_seed(0)
@@ -119,14 +127,14 @@ def eat_views(preset: str, batch: int, clone: int, seconds: float, iters: int, f
         model.encoder = FullSequence(model.encoder)
     params = [p for p in list(model.parameters()) + list(obj.parameters()) if p.requires_grad]
     fbank = torch.randn(batch, int(seconds * 100), 128)
-    return batch * clone / time_steps(objective_step(model, obj, params, fbank), iters)
+    return objective_step(model, obj, params, fbank), batch * clone
 
 
 def beats_views(
-    preset: str, batch: int, seconds: float, iters: int, full: bool, predictor_dim: int = 0
-) -> float:
-    """Clips per second of the BEATs masked-token objective (mask ratio 0.75); `predictor_dim`
-    the label predictor's width (0: the default, the encoder's width)."""
+    preset: str, batch: int, seconds: float, full: bool, predictor_dim: int = 0
+) -> tuple:
+    """(one step of the BEATs masked-token objective at mask ratio 0.75, clips per step);
+    `predictor_dim` the label predictor's width (0: the default, the encoder's width)."""
     from beats.objective import MaskedTokenConfig, MaskedTokenObjective
 
     torch.manual_seed(0)
@@ -136,7 +144,7 @@ def beats_views(
         model.encoder = FullSequence(model.encoder)
     params = [p for p in list(model.parameters()) + list(obj.parameters()) if p.requires_grad]
     fbank = torch.randn(batch, int(seconds * 100), 128)
-    return batch / time_steps(objective_step(model, obj, params, fbank), iters)
+    return objective_step(model, obj, params, fbank), batch
 
 
 def training_step(preset: str, batch: int, seconds: float, iters: int) -> tuple[float, float]:
@@ -196,17 +204,19 @@ def main() -> int:
     b = 2 if args.quick else 4
     rows: list[tuple[str, float, float, float, float]] = []
 
-    v16 = eat_views("small", b, 16, 3.0, iters, full=False)
-    v1 = eat_views("small", b * 8, 1, 3.0, iters, full=False)
+    rounds = 3 if args.quick else 6  # interleaved pairs: each figure is a median of `rounds`
+    v16, v1 = paired_rates(eat_views("small", b, 16, 3.0, full=False),
+                           eat_views("small", b * 8, 1, 3.0, full=False), rounds)  # fmt: skip
     rows.append(("EAT small: clone 16 vs clone 1 (views/s)", v16, v1, v16 / v1, 2.0))
-    vfull = eat_views("small", b, 16, 3.0, iters, full=True)
+    v16, vfull = paired_rates(eat_views("small", b, 16, 3.0, full=False),
+                              eat_views("small", b, 16, 3.0, full=True), rounds)  # fmt: skip
     rows.append(("EAT small: dropped vs full sequence (views/s)", v16, vfull, v16 / vfull, 4.0))
-    bd = beats_views("small", b * 2, 3.0, iters, full=False)
-    bf = beats_views("small", b * 2, 3.0, iters, full=True)
+    bd, bf = paired_rates(beats_views("small", b * 2, 3.0, full=False),
+                          beats_views("small", b * 2, 3.0, full=True), rounds)  # fmt: skip
     rows.append(("BEATs small: dropped vs full sequence (clips/s)", bd, bf, bd / bf, 2.5))
     # the label predictor sees the whole grid in both: a narrower one shows what dropping saves
-    bd = beats_views("small", b * 2, 3.0, iters, full=False, predictor_dim=128)
-    bf = beats_views("small", b * 2, 3.0, iters, full=True, predictor_dim=128)
+    bd, bf = paired_rates(beats_views("small", b * 2, 3.0, full=False, predictor_dim=128),
+                          beats_views("small", b * 2, 3.0, full=True, predictor_dim=128), rounds)  # fmt: skip
     rows.append(("BEATs small, predictor_dim 128: dropped vs full", bd, bf, bd / bf, 0.0))
 
     peak = matmul_peak()
@@ -232,7 +242,7 @@ def main() -> int:
     )
     for name, ours, baseline, ratio, target in rows:
         report.add(name, ratio, "x", target=target or None,
-                   note=f"{ours:.2f} vs {baseline:.2f}; 3 s clips, median of {iters} steps")  # fmt: skip
+                   note=f"{ours:.2f} vs {baseline:.2f}; 3 s clips, medians of {rounds} interleaved steps")  # fmt: skip
     for preset, (sps, util) in mfu.items():
         shape = f"batch {b}, clone 16, 3 s clips"
         report.add(f"EAT + memory bank step, {preset}: steps/s", sps, "steps/s", note=shape)

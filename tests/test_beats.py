@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from beats.convert import config_from_official, convert_state_dict
-from beats.model import BEATsConfig, fft_size, grouped_conv1d_fft
+from beats.model import BEATsConfig, _block_fft_size, fft_size, grouped_conv1d_fft
 from bioaudio import load_model
 from bioaudio.errors import ConfigError, DataError
 from bioaudio.models.audio_model import build_model
@@ -299,9 +299,10 @@ def test_narrow_pos_conv_runs_in_fp32_under_cpu_autocast():
 @pytest.mark.parametrize(
     "c, groups, k, pad, n",
     [(64, 16, 128, 64, 80), (64, 16, 128, 64, 3), (48, 4, 7, 3, 50), (32, 1, 5, 0, 9),
-     (32, 8, 16, 15, 20), (16, 16, 1, 0, 6)],
+     (32, 8, 16, 15, 20), (16, 16, 1, 0, 6), (32, 8, 16, 8, 300), (64, 16, 128, 64, 1500)],
 )  # fmt: skip
 def test_grouped_conv1d_fft_equals_conv1d(c, groups, k, pad, n):
+    """Values and gradients in float64; the last two shapes run several overlap-save blocks."""
     g = torch.Generator().manual_seed(k + n)
     x = torch.randn(3, c, n, generator=g, dtype=torch.float64, requires_grad=True)
     w = torch.randn(c, c // groups, k, generator=g, dtype=torch.float64, requires_grad=True)
@@ -328,6 +329,19 @@ def test_fft_size_is_the_next_5_smooth_length():
     assert [fft_size(n) for n in (1, 7, 11, 13, 127, 623)] == [1, 8, 12, 15, 128, 625]
 
 
+def test_block_fft_size_is_even_and_short_blocks_for_long_inputs():
+    for n_out, k, batch, c_group in [
+        (81, 128, 3, 4),
+        (301, 16, 3, 4),
+        (1501, 128, 3, 4),
+        (5, 1, 1, 1),
+    ]:
+        size = _block_fft_size(n_out, k, batch, c_group)
+        assert size % 2 == 0 and size >= k
+    assert _block_fft_size(1501, 128, 3, 4) < 1501 + 127  # several blocks, not one long FFT
+    assert _block_fft_size(301, 16, 3, 4) < 301 + 15
+
+
 def test_pos_conv_equals_the_direct_weight_normed_conv():
     enc = _tiny().encoder.encoder
     conv = enc.pos_conv[0]
@@ -338,3 +352,22 @@ def test_pos_conv_equals_the_direct_weight_normed_conv():
     g1 = torch.autograd.grad(direct.square().sum(), conv.parametrizations.weight.original1)[0]
     g2 = torch.autograd.grad(fft.square().sum(), conv.parametrizations.weight.original1)[0]
     torch.testing.assert_close(g2, g1, rtol=1e-4, atol=1e-5)
+
+
+def test_attention_with_a_trainable_mask_matches_sdpa():
+    """On CPU a mask that needs a gradient takes the explicit path (SDPA's fallback is slower);
+    values and gradients are SDPA's."""
+    from bioaudio.models.layers import attention
+
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, 3, 7, 8, generator=g, requires_grad=True) for _ in range(3))
+    mask = torch.randn(2, 3, 7, 7, generator=g, requires_grad=True)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    out = attention(q, k, v, mask)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    up = torch.randn(ref.shape, generator=g)
+    for a, b in zip(
+        torch.autograd.grad((out * up).sum(), (q, k, v, mask)),
+        torch.autograd.grad((ref * up).sum(), (q, k, v, mask)),
+    ):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
