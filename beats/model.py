@@ -25,7 +25,9 @@ prepended after the positional convolution and input LayerNorm and has no relati
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
@@ -332,7 +334,8 @@ class BEATsTransformer(nn.Module):
         """
         conv = self.pos_conv[0]
         with torch.autocast(x.device.type, enabled=False):
-            y = grouped_conv1d_fft(
+            conv1d = grouped_conv1d_fft if _POS_CONV_IMPL == "fft" else _grouped_conv1d_direct
+            y = conv1d(
                 x.float().transpose(1, 2), conv.weight.float(), conv.bias.float(),
                 conv.groups, conv.padding[0],
             )  # fmt: skip
@@ -393,6 +396,29 @@ class BEATsTransformer(nn.Module):
         if cls_token is not None:
             return x[:, 1:], x[:, 0], padding_mask
         return x, None, padding_mask
+
+
+_POS_CONV_IMPL = "fft"
+
+
+@contextlib.contextmanager
+def pos_conv_impl(impl: Literal["fft", "direct"]) -> Iterator[None]:
+    """Temporarily compute the positional convolution through the FFT (the default) or as the
+    direct grouped convolution (the same numbers; benchmarks count model FLOPs with it)."""
+    global _POS_CONV_IMPL
+    if impl not in ("fft", "direct"):
+        raise ValueError(f"unknown positional convolution implementation {impl!r}")
+    old, _POS_CONV_IMPL = _POS_CONV_IMPL, impl
+    try:
+        yield
+    finally:
+        _POS_CONV_IMPL = old
+
+
+def _grouped_conv1d_direct(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, groups: int, padding: int
+) -> torch.Tensor:
+    return F.conv1d(x, weight, bias, padding=padding, groups=groups)
 
 
 def fft_size(n: int) -> int:

@@ -5,7 +5,9 @@ utilisation (MFU) against this machine's measured matmul peak.
 The reference is the same modules and weights with the attention core swapped for the explicit
 computation the official code does (`bioaudio.layers.attention_impl("math")`: q @ k^T, additive
 mask, fp32 softmax, @ v) instead of `F.scaled_dot_product_attention`. Model FLOPs are counted
-with `torch.utils.flop_counter.FlopCounterMode` on one forward+backward step.
+with `torch.utils.flop_counter.FlopCounterMode` on one forward+backward step (grouped
+convolutions' backward counted once, not once per group as torch's formula does; BEATs'
+positional convolution as the direct convolution, although training runs it through the FFT).
 
 Figures (`--json`, `bioaudio bench`), issue target 1: MFU of the `base` encoders' forward +
 backward on 10 s clips, >= 70 % of the fp32 matmul peak on CPU and, under bf16 autocast on CUDA,
@@ -34,6 +36,7 @@ from bioaudio.benchreport import (  # noqa: E402
     add_suite_arguments,
     clip_frames,
     encoder_step,
+    flop_counter,
     interleaved_times,
 )
 from bioaudio.benchreport import sync as _sync  # noqa: E402
@@ -60,10 +63,11 @@ def matmul_peak(dtype: torch.dtype, device: torch.device, n: int, reps: int = 5)
 
 
 def count_flops(encoder: torch.nn.Module, fbank: torch.Tensor) -> float:
-    """Model FLOPs of one fp32 forward+backward (explicit attention, so every matmul counts)."""
-    from torch.utils.flop_counter import FlopCounterMode
+    """Model FLOPs of one fp32 forward+backward (explicit attention, so every matmul counts;
+    BEATs' positional convolution counted as the direct grouped convolution it defines)."""
+    from beats.model import pos_conv_impl
 
-    with attention_impl("math"), FlopCounterMode(display=False) as counter:
+    with attention_impl("math"), pos_conv_impl("direct"), flop_counter() as counter:
         encoder_step(encoder, fbank, bf16=False)
     return float(counter.get_total_flops())
 

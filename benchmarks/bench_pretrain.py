@@ -37,7 +37,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bioaudio.benchreport import Report, add_suite_arguments, interleaved_times  # noqa: E402
+from bioaudio.benchreport import Report, add_suite_arguments, flop_counter, interleaved_times  # noqa: E402
 from bioaudio.models.audio_model import build_model  # noqa: E402
 from bioaudio.training.objectives import PretrainInputs  # noqa: E402
 from bioaudio.training.optim import make_adamw  # noqa: E402
@@ -96,8 +96,8 @@ def time_steps(fn, iters: int) -> float:
 
 def paired_rates(a: tuple, b: tuple, rounds: int) -> tuple[float, float]:
     """Items per second of two (step function, items per step) setups, their steps interleaved
-    A B, B A, ... after one warm-up round, so that load and clock drift hit both alike (medians)."""
-    times = interleaved_times({"a": a[0], "b": b[0]}, rounds, warmup=1)
+    A B, B A, ... after two warm-up rounds, so that load and clock drift hit both alike (medians)."""
+    times = interleaved_times({"a": a[0], "b": b[0]}, rounds, warmup=2)
     return a[1] / statistics.median(times["a"]), b[1] / statistics.median(times["b"])
 
 
@@ -149,8 +149,6 @@ def beats_views(
 
 def training_step(preset: str, batch: int, seconds: float, iters: int) -> tuple[float, float]:
     """(steps/s, model FLOP/s) of the default EAT + memory-bank step."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     from bioaudio.training.memory_bank import MemoryBankObjective
     from eat.objective import EATObjective, EATObjectiveConfig
 
@@ -174,7 +172,7 @@ def training_step(preset: str, batch: int, seconds: float, iters: int) -> tuple[
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    counter = FlopCounterMode(display=False)
+    counter = flop_counter()  # grouped convs (EAT's decoder) counted once, not per group
     with counter:
         run()
     seconds_per_step = time_steps(run, iters)
@@ -204,7 +202,7 @@ def main() -> int:
     b = 2 if args.quick else 4
     rows: list[tuple[str, float, float, float, float]] = []
 
-    rounds = 3 if args.quick else 6  # interleaved pairs: each figure is a median of `rounds`
+    rounds = 8 if args.quick else 12  # interleaved pairs: each figure is a median of `rounds`
     v16, v1 = paired_rates(eat_views("small", b, 16, 3.0, full=False),
                            eat_views("small", b * 8, 1, 3.0, full=False), rounds)  # fmt: skip
     rows.append(("EAT small: clone 16 vs clone 1 (views/s)", v16, v1, v16 / v1, 2.0))

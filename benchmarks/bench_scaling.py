@@ -35,11 +35,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bioaudio.benchreport import Report, add_suite_arguments, encoder_step
+from bioaudio.benchreport import Report, add_suite_arguments, encoder_step, flop_counter
 from bioaudio.benchreport import clip_frames as frames_of
 from bioaudio.benchreport import sync as _sync
 from bioaudio.models.layers import attention_impl
@@ -58,7 +57,9 @@ def build(model: str, preset: str, device: torch.device) -> torch.nn.Module:
 
 def count_flops(encoder: torch.nn.Module, fbank: torch.Tensor) -> tuple[float, float]:
     """(total, attention) FLOPs of one fp32 forward+backward with explicit attention."""
-    with attention_impl("math"), FlopCounterMode(display=False) as counter:
+    from beats.model import pos_conv_impl
+
+    with attention_impl("math"), pos_conv_impl("direct"), flop_counter() as counter:
         encoder_step(encoder, fbank)
     ops = counter.get_flop_counts()["Global"]
     attention = sum(v for op, v in ops.items() if "bmm" in str(op))

@@ -124,6 +124,30 @@ def sync(device: Any) -> None:
         torch.cuda.synchronize(device)
 
 
+def _conv_backward_flops(grad_out_shape, x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of `aten.convolution_backward`: each requested gradient (input, weight) costs one
+    forward, 2 * outputs * (C_in / groups) * kernel size. torch's own formula ignores `groups`
+    and counts a grouped convolution's backward `groups` times over (16x for BEATs' positional
+    convolution and EAT's decoder)."""
+    transposed = args[4] if len(args) > 4 else kwargs.get("transposed", False)
+    output_mask = args[7] if len(args) > 7 else kwargs.get("output_mask", (True, True, False))
+    # a transposed conv's weight is (C_in, C_out / groups, ...): count over its input instead
+    forward = 2 * math.prod(x_shape if transposed else grad_out_shape) * math.prod(w_shape[1:])
+    return forward * (int(bool(output_mask[0])) + int(bool(output_mask[1])))
+
+
+def flop_counter():
+    """`torch.utils.flop_counter.FlopCounterMode` (no display) with a correct count for grouped
+    convolutions' backward."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    aten = torch.ops.aten
+    return FlopCounterMode(
+        display=False, custom_mapping={aten.convolution_backward: _conv_backward_flops}
+    )
+
+
 def clip_frames(seconds: float, patch: int = 16) -> int:
     """Fbank frames (10 ms hop) of a clip, rounded down to whole patches."""
     frames = int(round(seconds * 100))
