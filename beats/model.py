@@ -463,12 +463,14 @@ def _block_fft_size(n_out: int, k: int, batch: int, c_group: int) -> int:
     c_group * L log L for the kernel's spectrum (F = L / 2 + 1): short blocks waste work on the
     overlap, long ones inflate the kernel's spectrum; take the cheapest candidate.
     """
-    candidates = {fft_size(m) for m in (2 * k, 3 * k, 4 * k, 6 * k, 8 * k, n_out + k - 1)}
+
+    def even_fft_size(m: int) -> int:  # even, so the last bin is the Nyquist bin (_PaddedRFFT)
+        return 2 * fft_size(-(-m // 2))
+
+    longest = even_fft_size(n_out + k - 1)  # one block holds the whole sequence
+    candidates = {even_fft_size(m) for m in (2 * k, 3 * k, 4 * k, 6 * k, 8 * k)}
     best, best_cost = 0, float("inf")
-    for size in sorted(candidates):
-        size += size % 2  # even, so the last bin is the Nyquist bin (_PaddedRFFT)
-        if size > fft_size(n_out + k - 1) + 1 and best:
-            break
+    for size in sorted(c for c in candidates | {longest} if c <= longest):
         step = size - k + 1
         blocks = -(-n_out // step)
         log = math.log2(size)

@@ -337,7 +337,7 @@ def test_block_fft_size_is_even_and_short_blocks_for_long_inputs():
         (5, 1, 1, 1),
     ]:
         size = _block_fft_size(n_out, k, batch, c_group)
-        assert size % 2 == 0 and size >= k
+        assert size % 2 == 0 and size >= k and fft_size(size) == size  # even and 5-smooth
     assert _block_fft_size(1501, 128, 3, 4) < 1501 + 127  # several blocks, not one long FFT
     assert _block_fft_size(301, 16, 3, 4) < 301 + 15
 
