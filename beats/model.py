@@ -26,8 +26,8 @@ prepended after the positional convolution and input LayerNorm and has no relati
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
@@ -41,6 +41,7 @@ from bioaudio.models.audio_model import AudioModel
 from bioaudio.models.layers import (
     Encoder,
     EncoderOutput,
+    ImplSwitch,
     PatchEmbed,
     attention,
     block_layer_id,
@@ -334,11 +335,11 @@ class BEATsTransformer(nn.Module):
         """
         conv = self.pos_conv[0]
         with torch.autocast(x.device.type, enabled=False):
-            conv1d = grouped_conv1d_fft if _POS_CONV_IMPL == "fft" else _grouped_conv1d_direct
-            y = conv1d(
-                x.float().transpose(1, 2), conv.weight.float(), conv.bias.float(),
-                conv.groups, conv.padding[0],
-            )  # fmt: skip
+            x32, w32, b32 = x.float().transpose(1, 2), conv.weight.float(), conv.bias.float()
+            if POS_CONV.current == "fft":
+                y = grouped_conv1d_fft(x32, w32, b32, conv.groups, conv.padding[0])
+            else:
+                y = F.conv1d(x32, w32, b32, padding=conv.padding[0], groups=conv.groups)
         if self.cfg.conv_pos % 2 == 0:
             y = y[:, :, :-1]  # (B, D, N + 1) for an even kernel
         return F.gelu(y).transpose(1, 2).to(x.dtype)
@@ -398,27 +399,13 @@ class BEATsTransformer(nn.Module):
         return x, None, padding_mask
 
 
-_POS_CONV_IMPL = "fft"
+POS_CONV = ImplSwitch("positional convolution", ("fft", "direct"))
 
 
-@contextlib.contextmanager
-def pos_conv_impl(impl: Literal["fft", "direct"]) -> Iterator[None]:
+def pos_conv_impl(impl: Literal["fft", "direct"]) -> contextlib.AbstractContextManager[None]:
     """Temporarily compute the positional convolution through the FFT (the default) or as the
     direct grouped convolution (the same numbers; benchmarks count model FLOPs with it)."""
-    global _POS_CONV_IMPL
-    if impl not in ("fft", "direct"):
-        raise ValueError(f"unknown positional convolution implementation {impl!r}")
-    old, _POS_CONV_IMPL = _POS_CONV_IMPL, impl
-    try:
-        yield
-    finally:
-        _POS_CONV_IMPL = old
-
-
-def _grouped_conv1d_direct(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, groups: int, padding: int
-) -> torch.Tensor:
-    return F.conv1d(x, weight, bias, padding=padding, groups=groups)
+    return POS_CONV.use(impl)
 
 
 def fft_size(n: int) -> int:
@@ -455,6 +442,7 @@ class _PaddedRFFT(torch.autograd.Function):
         return torch.fft.irfft(h, n=ctx.n)[..., : ctx.k] * ctx.n, None
 
 
+@functools.lru_cache(maxsize=256)  # every forward asks again for the same few shapes
 def _block_fft_size(n_out: int, k: int, batch: int, c_group: int) -> int:
     """Overlap-save block length L (even, 5-smooth) for outputs n_out, kernel k.
 

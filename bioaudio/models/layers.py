@@ -4,7 +4,8 @@
 - `PatchEmbed`: 16 x 16 patches of a (B, T, F) spectrogram as time-major tokens (index t * F' + f).
 - `attention`: multi-head attention core through `F.scaled_dot_product_attention`; a plain
   "math" implementation (explicit softmax, as the official code computes it) can be switched in
-  with `attention_impl("math")` for debugging and benchmarking.
+  with `attention_impl("math")` for debugging and benchmarking (an `ImplSwitch`, which BEATs'
+  positional convolution uses too).
 - token-mask helpers: frame -> token padding, `keep` masks -> gather indices.
 
 Masks are boolean with True on padding (`padding_mask`) or True on visible tokens (`keep`).
@@ -24,7 +25,27 @@ from torch.utils.checkpoint import checkpoint
 from bioaudio.errors import DataError
 
 AttentionImpl = Literal["sdpa", "math"]
-_ATTENTION_IMPL: AttentionImpl = "sdpa"
+
+
+class ImplSwitch:
+    """A process-wide choice between implementations of one computation that give the same
+    numbers (the first name is the default); `use(name)` switches it temporarily."""
+
+    def __init__(self, what: str, names: tuple[str, ...]):
+        self.what, self.names, self.current = what, names, names[0]
+
+    @contextlib.contextmanager
+    def use(self, name: str) -> Iterator[None]:
+        if name not in self.names:
+            raise ValueError(f"unknown {self.what} implementation {name!r}")
+        old, self.current = self.current, name
+        try:
+            yield
+        finally:
+            self.current = old
+
+
+ATTENTION = ImplSwitch("attention", ("sdpa", "math"))
 
 
 class EncoderOutput(NamedTuple):
@@ -121,17 +142,9 @@ def key_padding_bias(
     return bias.to(dtype).masked_fill(hide, neg)
 
 
-@contextlib.contextmanager
-def attention_impl(impl: AttentionImpl) -> Iterator[None]:
+def attention_impl(impl: AttentionImpl) -> contextlib.AbstractContextManager[None]:
     """Temporarily switch every encoder's attention core ("sdpa" or the plain "math" reference)."""
-    global _ATTENTION_IMPL
-    if impl not in ("sdpa", "math"):
-        raise ValueError(f"unknown attention implementation {impl!r}")
-    old, _ATTENTION_IMPL = _ATTENTION_IMPL, impl
-    try:
-        yield
-    finally:
-        _ATTENTION_IMPL = old
+    return ATTENTION.use(impl)
 
 
 def attention(
@@ -151,7 +164,7 @@ def attention(
     # On CPU a mask that needs a gradient (BEATs' gated position bias) sends SDPA to its generic
     # fallback, which is slower than the explicit computation below (10 % of a BEATs base step).
     slow_sdpa = attn_mask is not None and attn_mask.requires_grad and q.device.type == "cpu"
-    if _ATTENTION_IMPL == "sdpa" and not slow_sdpa:
+    if ATTENTION.current == "sdpa" and not slow_sdpa:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
     # Plain reference: the official models' explicit computation (softmax in fp32).
     scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
